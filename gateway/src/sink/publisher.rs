@@ -1,0 +1,157 @@
+//! The per-connection side of the sink: builds Kafka records for one stream.
+//!
+//! Record building does no Rust allocation: numbers are formatted with `itoa` into stack
+//! buffers and librdkafka copies key, value and headers into its own queue
+//! (`RD_KAFKA_MSG_F_COPY`). The only heap work is librdkafka's own per-record bookkeeping.
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::BaseRecord;
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::context::pack_opaque;
+use super::Sink;
+use crate::events::{write_json, Event};
+use crate::metrics::DropReason;
+use crate::session::{AudioRecord, Publisher};
+
+/// A connection's publisher: a sink handle plus reusable scratch.
+pub struct ConnectionPublisher {
+    sink: Sink,
+    /// Reused JSON buffer for events.
+    event_buf: Vec<u8>,
+    /// Whether this connection already logged a dropped frame (log once, count always).
+    logged_drop: bool,
+}
+
+fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
+    Header {
+        key,
+        value: Some(value),
+    }
+}
+
+impl ConnectionPublisher {
+    /// A publisher on `sink`.
+    pub fn new(sink: Sink) -> Self {
+        ConnectionPublisher {
+            sink,
+            event_buf: Vec::with_capacity(256),
+            logged_drop: false,
+        }
+    }
+
+    /// The sink this publisher writes to.
+    pub fn sink(&self) -> &Sink {
+        &self.sink
+    }
+
+    fn classify(err: &KafkaError) -> DropReason {
+        match err.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::QueueFull) => DropReason::QueueFull,
+            Some(RDKafkaErrorCode::MessageSizeTooLarge) => DropReason::TooLarge,
+            _ => DropReason::ProduceError,
+        }
+    }
+}
+
+impl Publisher for ConnectionPublisher {
+    fn publish_audio(&mut self, r: &AudioRecord<'_>) -> Result<(), DropReason> {
+        let inner = &*self.sink.inner;
+        let (mut seq, mut chunk, mut ts, mut recv, mut n) = (
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+        );
+        let mut headers = OwnedHeaders::new_with_capacity(14)
+            .insert(header("stream_sid", r.ids.stream_sid.as_bytes()))
+            .insert(header("call_sid", r.ids.call_sid.as_bytes()))
+            .insert(header("account_sid", r.ids.account_sid.as_bytes()))
+            .insert(header("track", r.track.as_str().as_bytes()))
+            .insert(header("seq", seq.format(r.seq).as_bytes()))
+            .insert(header("chunk", chunk.format(r.chunk).as_bytes()))
+            .insert(header("timestamp_ms", ts.format(r.timestamp_ms).as_bytes()))
+            .insert(header("encoding", r.encoding.header_value().as_bytes()))
+            .insert(header("sample_rate", b"8000"))
+            .insert(header("channels", b"1"))
+            .insert(header("gateway", inner.gateway_id.as_bytes()))
+            .insert(header(
+                "received_at_us",
+                recv.format(r.received_at_us).as_bytes(),
+            ));
+        if r.chunks != 1 || self.batching() {
+            headers = headers.insert(header("chunks", n.format(r.chunks).as_bytes()));
+        }
+        let opaque = pack_opaque(false, r.chunks, r.received_mono_us, crate::mono_micros());
+        let record = BaseRecord::with_opaque_to(&inner.audio_topics[r.track.index()], opaque)
+            .key(r.ids.stream_sid.as_bytes())
+            .payload(r.payload)
+            .headers(headers);
+        match inner.producer.send(record) {
+            Ok(()) => {
+                let m = &inner.metrics;
+                m.frames.published.inc_by(r.chunks as u64);
+                m.frames.records.inc();
+                m.frames_by_track[r.track.index()].inc_by(r.chunks as u64);
+                Ok(())
+            }
+            Err((err, _record)) => {
+                let reason = Self::classify(&err);
+                if !self.logged_drop {
+                    self.logged_drop = true;
+                    tracing::warn!(stream_sid = %r.ids.stream_sid, call_sid = %r.ids.call_sid, reason = reason.as_str(), error = %err,
+                        "audio frame dropped (further drops on this stream are only counted)");
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    fn publish_event(&mut self, ev: &Event<'_>) {
+        let inner = &*self.sink.inner;
+        write_json(ev, &inner.gateway_id, &mut self.event_buf);
+        let opaque = pack_opaque(true, 0, 0, crate::mono_micros());
+        let mut record =
+            BaseRecord::with_opaque_to(&inner.events_topic, opaque).payload(&self.event_buf[..]);
+        if let Some(ids) = ev.ids {
+            record = record.key(ids.stream_sid.as_bytes());
+        }
+        let kind = ev.body.type_name();
+        match inner.producer.send::<[u8], [u8]>(record) {
+            Ok(()) => inner.metrics.event_published(kind),
+            Err((err, _)) => {
+                inner.metrics.events_dropped.inc();
+                tracing::warn!(stream_sid = ev.ids.map(|i| i.stream_sid.as_str()).unwrap_or(""), event = kind, error = %err, "event dropped");
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, kind: &'static str) {
+        self.sink.inner.metrics.protocol_error(kind);
+    }
+
+    fn anomaly(&mut self, kind: &'static str) {
+        self.sink.inner.metrics.anomaly(kind);
+    }
+
+    fn frames_dropped(&mut self, reason: DropReason, n: u64) {
+        self.sink.inner.metrics.frames_dropped(reason, n);
+    }
+
+    fn media_received(&mut self, bytes: usize) {
+        self.sink
+            .inner
+            .metrics
+            .frames
+            .media_bytes
+            .inc_by(bytes as u64);
+    }
+}
+
+impl ConnectionPublisher {
+    fn batching(&self) -> bool {
+        self.sink.inner.frames_per_record > 1
+    }
+}

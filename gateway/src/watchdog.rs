@@ -1,0 +1,261 @@
+//! A socket wrapper that ends idle connections, keeps quiet ones alive with WebSocket pings,
+//! and surfaces the forced-shutdown flag as a read error.
+//!
+//! Why a wrapper: `fastwebsockets::WebSocket::read_frame` is not cancel-safe, so it cannot be
+//! raced against a timer in `select!` without risking a torn frame. Instead the wrapper owns one
+//! timer per connection that ticks every `tick` (a fraction of the timeouts). Reads only bump a
+//! counter (no clock read, no timer reset per frame); on each tick the wrapper compares the
+//! counter with the previous tick to know whether the peer was quiet. After `ping_after` of
+//! quiet it writes a WebSocket ping frame (`0x89 0x00`) itself; after `idle_timeout` of quiet
+//! the next read fails with `TimedOut`. Writes of the WebSocket layer drain a half-written ping
+//! first, so frames never interleave.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Unmasked server-to-client ping with an empty payload.
+const PING_FRAME: [u8; 2] = [0x89, 0x00];
+
+/// Error message of the read error raised by the forced-shutdown flag.
+pub const SHUTDOWN_MSG: &str = "server shutting down";
+/// Error message of the read error raised by the idle timeout.
+pub const IDLE_MSG: &str = "idle timeout";
+
+/// Watchdog settings.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchdogConfig {
+    /// Quiet time after which the connection is ended.
+    pub idle_timeout: Duration,
+    /// Quiet time after which a ping is sent (`None`: never).
+    pub ping_after: Option<Duration>,
+}
+
+/// The wrapper; see the module docs.
+pub struct Watchdog<S> {
+    inner: S,
+    timer: Pin<Box<Sleep>>,
+    tick: Duration,
+    cfg: WatchdogConfig,
+    reads: u64,
+    seen_reads: u64,
+    last_activity: Instant,
+    pinged: bool,
+    /// Bytes of `PING_FRAME` still to write (0 = none pending).
+    ping_pending: usize,
+    force_close: Arc<AtomicBool>,
+}
+
+impl<S> Watchdog<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, cfg: WatchdogConfig, force_close: Arc<AtomicBool>) -> Self {
+        let shortest = cfg
+            .ping_after
+            .map_or(cfg.idle_timeout, |p| p.min(cfg.idle_timeout));
+        let tick = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let now = Instant::now();
+        Watchdog {
+            inner,
+            timer: Box::pin(tokio::time::sleep_until(now + tick)),
+            tick,
+            cfg,
+            reads: 0,
+            seen_reads: 0,
+            last_activity: now,
+            pinged: false,
+            ping_pending: 0,
+            force_close,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Watchdog<S> {
+    /// Writes what is left of a pending ping. Ready(Ok) when nothing is pending.
+    fn poll_ping(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.ping_pending > 0 {
+            let from = PING_FRAME.len() - self.ping_pending;
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &PING_FRAME[from..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.ping_pending -= n;
+            if self.ping_pending == 0 {
+                // Push it through TLS buffers; Pending here is fine, later writes flush too.
+                let _ = Pin::new(&mut self.inner).poll_flush(cx)?;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watchdog<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.force_close.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                SHUTDOWN_MSG,
+            )));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.reads += 1;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+        if let Poll::Ready(Err(e)) = this.poll_ping(cx) {
+            return Poll::Ready(Err(e));
+        }
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if this.force_close.load(Ordering::Relaxed) {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    SHUTDOWN_MSG,
+                )));
+            }
+            if this.reads != this.seen_reads {
+                this.seen_reads = this.reads;
+                this.last_activity = now;
+                this.pinged = false;
+            }
+            let quiet = now.saturating_duration_since(this.last_activity);
+            if quiet >= this.cfg.idle_timeout {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, IDLE_MSG)));
+            }
+            if let Some(p) = this.cfg.ping_after {
+                if quiet >= p && !this.pinged && this.ping_pending == 0 {
+                    this.pinged = true;
+                    this.ping_pending = PING_FRAME.len();
+                    if let Poll::Ready(Err(e)) = this.poll_ping(cx) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+            let next = now + this.tick;
+            this.timer.as_mut().reset(next);
+        }
+        Poll::Pending
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Watchdog<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_ping(cx))?;
+        Pin::new(&mut this.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_ping(cx))?;
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_ping(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_ping(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn cfg(idle_ms: u64, ping_ms: Option<u64>) -> WatchdogConfig {
+        WatchdogConfig {
+            idle_timeout: Duration::from_millis(idle_ms),
+            ping_after: ping_ms.map(Duration::from_millis),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_when_quiet_then_times_out() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut w = Watchdog::new(a, cfg(1000, Some(300)), Arc::new(AtomicBool::new(false)));
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let r = w.read(&mut buf).await;
+            r.map_err(|e| (e.kind(), e.to_string()))
+        });
+        let mut got = [0u8; 2];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, PING_FRAME);
+        let r = reader.await.unwrap();
+        assert_eq!(r, Err((io::ErrorKind::TimedOut, IDLE_MSG.to_string())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_defers_the_timeout_and_data_passes_through() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut w = Watchdog::new(a, cfg(500, None), Arc::new(AtomicBool::new(false)));
+        let writer = tokio::spawn(async move {
+            for i in 0..10u8 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                b.write_all(&[i]).await.unwrap();
+            }
+            b
+        });
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            let mut buf = [0u8; 1];
+            w.read_exact(&mut buf).await.unwrap();
+            got.push(buf[0]);
+        }
+        assert_eq!(got, (0..10).collect::<Vec<_>>());
+        let _b = writer.await.unwrap();
+        let mut buf = [0u8; 1];
+        let e = w.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn force_close_flag_interrupts_a_blocked_read() {
+        let (a, _b) = tokio::io::duplex(1024);
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut w = Watchdog::new(a, cfg(60_000, None), flag.clone());
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 1];
+            w.read(&mut buf).await.map_err(|e| e.kind())
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        flag.store(true, Ordering::SeqCst);
+        assert_eq!(reader.await.unwrap(), Err(io::ErrorKind::Interrupted));
+    }
+}
