@@ -346,7 +346,14 @@ impl Metrics {
                 "gateway_frames_failed_total",
                 "Audio frames whose delivery failed after retries, by librdkafka error code.",
                 "error",
-                &[],
+                &[
+                    "MessageTimedOut",
+                    "PurgeQueue",
+                    "PurgeInflight",
+                    "UnknownTopicOrPartition",
+                    "MessageSizeTooLarge",
+                    "TopicAuthorizationFailed",
+                ],
             ),
             protocol_errors: counter_vec(
                 &r,

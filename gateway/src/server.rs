@@ -181,7 +181,6 @@ pub async fn run(listener: TcpListener, ctx: Arc<ServerContext>) {
                 .timer(TokioTimer::new())
                 .header_read_timeout(ctx.handshake_timeout)
                 .max_buf_size(ctx.max_header_bytes.max(8192))
-                .keep_alive(false)
                 .serve_connection(io, svc)
                 .with_upgrades();
             match tokio::time::timeout(ctx.handshake_timeout, conn).await {

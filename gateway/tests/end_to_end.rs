@@ -1,0 +1,550 @@
+//! End to end: real Tansu broker, real gateway binary, Twilio-speaking clients, Kafka consumer.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const ACCOUNT: &str = "AC00000000000000000000000000000001";
+
+struct StreamPlan {
+    stream: String,
+    call: String,
+    offset: usize,
+    chunks: u64,
+    tracks: Vec<&'static str>,
+}
+
+fn chunk_of(audio: &[u8], offset: usize, k: u64) -> Vec<u8> {
+    let start = (offset + k as usize * 160) % (audio.len() - 160);
+    audio[start..start + 160].to_vec()
+}
+
+/// Plays one stream: connected, start, media (both tracks interleaved), dtmf, mark, stop, close.
+/// Returns the sequence number of every media message: (track, chunk) -> seq.
+async fn play(
+    gw_port: u16,
+    p: &StreamPlan,
+    audio: &[u8],
+    pace: Option<Duration>,
+) -> HashMap<(String, u64), u64> {
+    let mut c = connect_path(gw_port, "/stream").await.expect("connect");
+    let mut seqs = HashMap::new();
+    c.send(&connected()).await;
+    c.send(&start(
+        &p.stream,
+        &p.call,
+        ACCOUNT,
+        &p.tracks,
+        &[("FirstName", "Jane"), ("Quote", "a\"b<c>&")],
+    ))
+    .await;
+    let mut seq = 2;
+    for k in 0..p.chunks {
+        for t in &p.tracks {
+            let data = chunk_of(audio, p.offset + if *t == "outbound" { 8000 } else { 0 }, k);
+            c.send(&media(&p.stream, seq, t, k + 1, k * 20, &data))
+                .await;
+            seqs.insert((t.to_string(), k + 1), seq);
+            seq += 1;
+        }
+        if k == 10 {
+            c.send(&dtmf(&p.stream, seq, "7")).await;
+            seq += 1;
+        }
+        if k == 20 {
+            c.send(&mark(&p.stream, seq, "greeting-done")).await;
+            seq += 1;
+        }
+        if let Some(d) = pace {
+            tokio::time::sleep(d).await;
+        }
+    }
+    c.send(&stop(&p.stream, seq, ACCOUNT, &p.call)).await;
+    c.close().await;
+    let _ = c.read_close(Duration::from_secs(3)).await;
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_arrive_bit_exact_in_order_with_headers_and_events() {
+    let gw = Gateway::start("e2e", &[]);
+    let audio = speech();
+    let n_streams = 24u64;
+    let plans: Vec<StreamPlan> = (0..n_streams)
+        .map(|i| StreamPlan {
+            stream: sid("MZ", 1000 + i),
+            call: sid("CA", 2000 + i),
+            offset: (i as usize * 1601) % 40000,
+            chunks: 60,
+            tracks: vec!["inbound", "outbound"],
+        })
+        .collect();
+    let t0 = lib_unix_us();
+    let mut handles = Vec::new();
+    for p in plans.iter() {
+        let (port, audio, plan) = (
+            gw.port,
+            audio.clone(),
+            StreamPlan {
+                stream: p.stream.clone(),
+                call: p.call.clone(),
+                offset: p.offset,
+                chunks: p.chunks,
+                tracks: p.tracks.clone(),
+            },
+        );
+        handles.push(tokio::spawn(async move {
+            play(port, &plan, &audio, Some(Duration::from_millis(2))).await
+        }));
+    }
+    let mut seqs = Vec::new();
+    for h in handles {
+        seqs.push(h.await.unwrap());
+    }
+    let t1 = lib_unix_us();
+    let expected_audio = (n_streams * 60 * 2) as usize;
+    let expected_events = (n_streams * 4) as usize;
+    let brokers = gw.brokers.clone();
+    let tps = topics(&gw);
+    let recs = tokio::task::spawn_blocking(move || {
+        consume_until(&brokers, &tps, Duration::from_secs(60), |r| {
+            r.iter().filter(|x| x.topic.contains(".audio.")).count() >= expected_audio
+                && r.iter().filter(|x| x.topic.ends_with(".events")).count() >= expected_events
+        })
+    })
+    .await
+    .unwrap();
+    let audio_recs: Vec<&Record> = recs
+        .iter()
+        .filter(|r| r.topic.contains(".audio."))
+        .collect();
+    let events: Vec<&Record> = recs
+        .iter()
+        .filter(|r| r.topic.ends_with(".events"))
+        .collect();
+    assert_eq!(audio_recs.len(), expected_audio, "audio records");
+    assert_eq!(events.len(), expected_events, "event records");
+
+    for (i, p) in plans.iter().enumerate() {
+        for track in ["inbound", "outbound"] {
+            let topic = format!("{}.audio.{track}", gw.prefix);
+            let mut mine: Vec<&&Record> = audio_recs
+                .iter()
+                .filter(|r| r.topic == topic && r.key.as_deref() == Some(&p.stream))
+                .collect();
+            // One key → one partition → offsets give Kafka's order.
+            let parts: std::collections::HashSet<i32> = mine.iter().map(|r| r.partition).collect();
+            assert_eq!(parts.len(), 1, "one partition per stream");
+            mine.sort_by_key(|r| r.offset);
+            assert_eq!(mine.len(), 60);
+            for (k, r) in mine.iter().enumerate() {
+                let k = k as u64;
+                let sent = chunk_of(
+                    &audio,
+                    p.offset + if track == "outbound" { 8000 } else { 0 },
+                    k,
+                );
+                assert_eq!(
+                    r.value,
+                    ulaw_to_pcm(&sent),
+                    "pcm of {} {track} chunk {}",
+                    p.stream,
+                    k + 1
+                );
+                assert_eq!(r.h("stream_sid"), p.stream);
+                assert_eq!(r.h("call_sid"), p.call);
+                assert_eq!(r.h("account_sid"), ACCOUNT);
+                assert_eq!(r.h("track"), track);
+                assert_eq!(r.h("chunk"), (k + 1).to_string());
+                assert_eq!(r.h("seq"), seqs[i][&(track.to_string(), k + 1)].to_string());
+                assert_eq!(r.h("timestamp_ms"), (k * 20).to_string());
+                assert_eq!(r.h("encoding"), "pcm_s16le");
+                assert_eq!(r.h("sample_rate"), "8000");
+                assert_eq!(r.h("channels"), "1");
+                assert_eq!(r.h("gateway"), "gw-test");
+                let at: u64 = r.h("received_at_us").parse().unwrap();
+                assert!(
+                    at >= t0 && at <= t1,
+                    "received_at_us {at} outside [{t0},{t1}]"
+                );
+                assert!(!r.headers.contains_key("chunks"));
+            }
+        }
+        let mine: Vec<serde_json::Value> = events
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(&p.stream))
+            .map(|r| r.json())
+            .collect();
+        let types: Vec<&str> = mine.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types,
+            ["start", "dtmf", "mark", "stop"],
+            "events of {}",
+            p.stream
+        );
+        for e in &mine {
+            assert_eq!(e["stream_sid"], p.stream.as_str());
+            assert_eq!(e["call_sid"], p.call.as_str());
+            assert_eq!(e["account_sid"], ACCOUNT);
+            assert_eq!(e["gateway"], "gw-test");
+            assert!(e["at_us"].as_u64().unwrap() >= t0);
+        }
+        assert_eq!(
+            mine[0]["tracks"],
+            serde_json::json!(["inbound", "outbound"])
+        );
+        assert_eq!(
+            mine[0]["custom_parameters"],
+            serde_json::json!({"FirstName": "Jane", "Quote": "a\"b<c>&"})
+        );
+        assert_eq!(
+            mine[0]["media_format"],
+            serde_json::json!({"encoding": "audio/x-mulaw", "sample_rate": 8000, "channels": 1})
+        );
+        assert_eq!(mine[1]["digit"], "7");
+        assert_eq!(mine[2]["name"], "greeting-done");
+        assert_eq!(mine[3]["frames_published"], 120);
+        assert_eq!(mine[3]["frames_dropped"], 0);
+        assert_eq!(mine[3]["reason"], "stop");
+    }
+    // Metrics agree with what the consumer saw.
+    assert_eq!(
+        gw.metric("gateway_frames_published_total"),
+        expected_audio as f64
+    );
+    assert_eq!(
+        gw.metric("gateway_messages_received_total{event=\"media\"}"),
+        expected_audio as f64
+    );
+    assert_eq!(
+        gw.metric("gateway_streams_total{outcome=\"stopped\"}"),
+        n_streams as f64
+    );
+    assert_eq!(gw.metric("gateway_open_streams"), 0.0);
+    let start = Instant::now();
+    while gw.metric("gateway_frames_delivered_total") < expected_audio as f64
+        && start.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        gw.metric("gateway_frames_delivered_total"),
+        expected_audio as f64
+    );
+}
+
+fn lib_unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_per_record_batches_consecutive_chunks_and_flushes_the_tail() {
+    let gw = Gateway::start("batch", &["--frames-per-record", "5"]);
+    let audio = speech();
+    let p = StreamPlan {
+        stream: sid("MZ", 77),
+        call: sid("CA", 77),
+        offset: 320,
+        chunks: 23,
+        tracks: vec!["inbound", "outbound"],
+    };
+    let seqs = play(gw.port, &p, &audio, None).await;
+    let (brokers, tps) = (gw.brokers.clone(), topics(&gw));
+    let recs = tokio::task::spawn_blocking(move || {
+        consume_until(&brokers, &tps[..2], Duration::from_secs(30), |r| {
+            r.len() >= 10
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(recs.len(), 10); // per track: 5+5+5+5+3
+    for track in ["inbound", "outbound"] {
+        let mut mine: Vec<&Record> = recs.iter().filter(|r| r.h("track") == track).collect();
+        mine.sort_by_key(|r| r.offset);
+        let counts: Vec<&str> = mine.iter().map(|r| r.h("chunks")).collect();
+        assert_eq!(counts, ["5", "5", "5", "5", "3"]);
+        let mut k = 0u64;
+        for r in mine {
+            let n: u64 = r.h("chunks").parse().unwrap();
+            assert_eq!(r.h("chunk"), (k + 1).to_string());
+            assert_eq!(r.h("timestamp_ms"), (k * 20).to_string());
+            assert_eq!(r.h("seq"), seqs[&(track.to_string(), k + 1)].to_string());
+            let sent: Vec<u8> = (k..k + n)
+                .flat_map(|j| {
+                    chunk_of(
+                        &audio,
+                        p.offset + if track == "outbound" { 8000 } else { 0 },
+                        j,
+                    )
+                })
+                .collect();
+            assert_eq!(r.value, ulaw_to_pcm(&sent));
+            k += n;
+        }
+        assert_eq!(k, 23);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mulaw_encoding_publishes_the_raw_bytes() {
+    let gw = Gateway::start("mulaw", &["--audio-encoding", "mulaw"]);
+    let audio = speech();
+    let p = StreamPlan {
+        stream: sid("MZ", 5),
+        call: sid("CA", 5),
+        offset: 0,
+        chunks: 30,
+        tracks: vec!["inbound"],
+    };
+    play(gw.port, &p, &audio, None).await;
+    let (brokers, tps) = (gw.brokers.clone(), topics(&gw));
+    let recs = tokio::task::spawn_blocking(move || {
+        consume_until(&brokers, &tps[..1], Duration::from_secs(30), |r| {
+            r.len() >= 30
+        })
+    })
+    .await
+    .unwrap();
+    let mut recs = recs;
+    recs.sort_by_key(|r| r.offset);
+    assert_eq!(recs.len(), 30);
+    for (k, r) in recs.iter().enumerate() {
+        assert_eq!(r.h("encoding"), "mulaw");
+        assert_eq!(r.value, chunk_of(&audio, 0, k as u64));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_close_with_specific_codes_and_publish_error_events() {
+    let gw = Gateway::start("errors", &[]);
+    // Other paths: 404 before any upgrade.
+    assert!(connect_path(gw.port, "/other").await.is_err());
+    let (status, _) = http_get(gw.port, "/other").unwrap();
+    assert_eq!(status, 404);
+
+    // media before start → 1008
+    let s1 = sid("MZ", 901);
+    let mut c = connect(&gw).await;
+    c.send(&connected()).await;
+    c.send(&media(&s1, 2, "inbound", 1, 0, &[0xFF; 160])).await;
+    let (code, reason) = c.read_close(Duration::from_secs(5)).await.expect("close");
+    assert_eq!((code, reason.as_str()), (1008, "media before start"));
+
+    // duplicate start → 1008, after one chunk that must still be delivered
+    let s2 = sid("MZ", 902);
+    let call = sid("CA", 902);
+    let mut c = connect(&gw).await;
+    c.send(&start(&s2, &call, ACCOUNT, &["inbound"], &[])).await;
+    c.send(&media(&s2, 2, "inbound", 1, 0, &[0x11; 160])).await;
+    c.send(&start(&s2, &call, ACCOUNT, &["inbound"], &[])).await;
+    let (code, reason) = c.read_close(Duration::from_secs(5)).await.expect("close");
+    assert_eq!((code, reason.as_str()), (1008, "duplicate start"));
+
+    // invalid JSON → 1007; binary → 1003; oversized → 1009; bad base64 → 1007
+    let mut c = connect(&gw).await;
+    c.send("{not json").await;
+    assert_eq!(
+        c.read_close(Duration::from_secs(5)).await.map(|x| x.0),
+        Some(1007)
+    );
+    let mut c = connect(&gw).await;
+    c.send_frame(fastwebsockets::Frame::binary(
+        fastwebsockets::Payload::Owned(vec![1, 2, 3]),
+    ))
+    .await;
+    assert_eq!(
+        c.read_close(Duration::from_secs(5)).await.map(|x| x.0),
+        Some(1003)
+    );
+    let mut c = connect(&gw).await;
+    c.send(&"x".repeat(70 * 1024)).await;
+    assert_eq!(
+        c.read_close(Duration::from_secs(5)).await.map(|x| x.0),
+        Some(1009)
+    );
+    let s3 = sid("MZ", 903);
+    let mut c = connect(&gw).await;
+    c.send(&start(&s3, &call, ACCOUNT, &["inbound"], &[])).await;
+    c.send(
+        &media(&s3, 2, "inbound", 1, 0, &[0x22; 160]).replace("\"payload\":\"", "\"payload\":\"!!"),
+    )
+    .await;
+    assert_eq!(
+        c.read_close(Duration::from_secs(5)).await.map(|x| x.0),
+        Some(1007)
+    );
+
+    // Unknown events and fields are tolerated.
+    let s4 = sid("MZ", 904);
+    let mut c = connect(&gw).await;
+    c.send(&start(&s4, &call, ACCOUNT, &["inbound"], &[])).await;
+    c.send(&format!(
+        r#"{{"event":"brand-new","sequenceNumber":"2","streamSid":"{s4}","x":{{"y":1}}}}"#
+    ))
+    .await;
+    c.send(
+        &media(&s4, 3, "inbound", 1, 0, &[0x33; 160])
+            .replace("\"track\"", "\"future\":[1,2],\"track\""),
+    )
+    .await;
+    c.send(&stop(&s4, 4, ACCOUNT, &call)).await;
+    assert_eq!(
+        c.read_close(Duration::from_secs(5)).await.map(|x| x.0),
+        Some(1000)
+    );
+
+    let (brokers, tps) = (gw.brokers.clone(), topics(&gw));
+    let s2c = s2.clone();
+    let recs = tokio::task::spawn_blocking(move || {
+        consume_until(&brokers, &tps, Duration::from_secs(30), |r| {
+            r.iter()
+                .filter(|x| x.topic.ends_with(".events") && x.json()["type"] == "error")
+                .count()
+                >= 4
+                && r.iter()
+                    .any(|x| x.topic.ends_with(".events") && x.json()["type"] == "stop")
+                && r.iter().filter(|x| x.topic.contains(".audio.")).count() >= 2
+        })
+    })
+    .await
+    .unwrap();
+    let errors: Vec<serde_json::Value> = recs
+        .iter()
+        .filter(|r| r.topic.ends_with(".events"))
+        .map(|r| r.json())
+        .filter(|e| e["type"] == "error")
+        .collect();
+    let kinds: std::collections::HashSet<&str> = errors
+        .iter()
+        .map(|e| e["error_kind"].as_str().unwrap())
+        .collect();
+    for k in [
+        "media_before_start",
+        "duplicate_start",
+        "invalid_json",
+        "binary_frame",
+        "message_too_large",
+        "invalid_base64",
+    ] {
+        assert!(kinds.contains(k), "missing error event {k}: {kinds:?}");
+    }
+    let dup = errors
+        .iter()
+        .find(|e| e["error_kind"] == "duplicate_start")
+        .unwrap();
+    assert_eq!(dup["stream_sid"], s2c.as_str());
+    assert_eq!(dup["close_code"], 1008);
+    assert_eq!(dup["frames_published"], 1);
+    // The chunk accepted before the error was delivered.
+    assert!(recs
+        .iter()
+        .any(|r| r.key.as_deref() == Some(s2c.as_str()) && r.value == ulaw_to_pcm(&[0x11; 160])));
+    assert!(recs
+        .iter()
+        .any(|r| r.key.as_deref() == Some(s4.as_str()) && r.value == ulaw_to_pcm(&[0x33; 160])));
+    assert!(gw.metric("gateway_protocol_errors_total{kind=\"media_before_start\"}") >= 1.0);
+    assert!(gw.metric("gateway_unknown_fields_total") >= 2.0);
+    assert_eq!(
+        gw.metric("gateway_messages_received_total{event=\"unknown\"}"),
+        1.0
+    );
+    assert!(gw.metric("gateway_http_rejections_total{reason=\"not_found\"}") >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_and_capacity_limit() {
+    let gw = Gateway::start("admin", &["--max-streams", "2"]);
+    assert_eq!(http_get(gw.admin_port, "/healthz").unwrap().0, 200);
+    assert_eq!(http_get(gw.admin_port, "/readyz").unwrap().0, 200);
+    let m = gw.metrics();
+    for name in [
+        "gateway_open_streams",
+        "gateway_streams_total",
+        "gateway_messages_received_total",
+        "gateway_media_bytes_total",
+        "gateway_frames_published_total",
+        "gateway_frames_delivered_total",
+        "gateway_frames_failed_total",
+        "gateway_frames_dropped_total",
+        "gateway_protocol_errors_total",
+        "gateway_kafka_delivery_latency_seconds",
+        "gateway_receive_to_ack_latency_seconds",
+        "gateway_kafka_queue_messages",
+        "gateway_kafka_queue_bytes",
+        "gateway_build_info",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(m.contains(name), "metric {name} missing");
+    }
+    let _a = connect(&gw).await;
+    let _b = connect(&gw).await;
+    // Third stream: 503 before the upgrade.
+    let err = connect_path(gw.port, "/stream")
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        err.contains("503") || err.to_lowercase().contains("status"),
+        "{err}"
+    );
+    assert_eq!(
+        gw.metric("gateway_http_rejections_total{reason=\"capacity\"}"),
+        1.0
+    );
+    assert_eq!(http_get(gw.admin_port, "/readyz").unwrap().0, 503);
+}
+
+#[test]
+fn bad_configuration_exits_64_listing_every_problem() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args([
+            "--listen",
+            "nope",
+            "--frames-per-record",
+            "0",
+            "--log-format",
+            "xml",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["--listen", "--frames-per-record", "--log-format"] {
+        assert!(err.contains(needle), "{needle} not reported: {err}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--no-such-flag"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn missing_topics_without_create_is_a_clear_startup_error() {
+    let brokers = brokers();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args([
+            "--brokers",
+            &brokers,
+            "--topic-prefix",
+            &unique_prefix("nocreate"),
+            "--create-topics=false",
+        ])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--admin-listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing topics"), "{err}");
+}
