@@ -80,9 +80,11 @@ pub fn decode_base64_into(
 /// Appends the PCM s16le expansion of μ-law `ulaw` to `dst` (two bytes per input byte).
 #[inline]
 pub fn ulaw_to_pcm16le_into(ulaw: &[u8], dst: &mut Vec<u8>) {
-    dst.reserve(ulaw.len() * 2);
-    for &code in ulaw {
-        dst.extend_from_slice(&ULAW_TO_PCM16_LE[code as usize]);
+    // Size once, then write pairs in place: no per-sample capacity check.
+    let start = dst.len();
+    dst.resize(start + ulaw.len() * 2, 0);
+    for (out, &code) in dst[start..].chunks_exact_mut(2).zip(ulaw) {
+        out.copy_from_slice(&ULAW_TO_PCM16_LE[code as usize]);
     }
 }
 

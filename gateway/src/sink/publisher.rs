@@ -58,32 +58,7 @@ impl ConnectionPublisher {
 impl Publisher for ConnectionPublisher {
     fn publish_audio(&mut self, r: &AudioRecord<'_>) -> Result<(), DropReason> {
         let inner = &*self.sink.inner;
-        let (mut seq, mut chunk, mut ts, mut recv, mut n) = (
-            itoa::Buffer::new(),
-            itoa::Buffer::new(),
-            itoa::Buffer::new(),
-            itoa::Buffer::new(),
-            itoa::Buffer::new(),
-        );
-        let mut headers = OwnedHeaders::new_with_capacity(14)
-            .insert(header("stream_sid", r.ids.stream_sid.as_bytes()))
-            .insert(header("call_sid", r.ids.call_sid.as_bytes()))
-            .insert(header("account_sid", r.ids.account_sid.as_bytes()))
-            .insert(header("track", r.track.as_str().as_bytes()))
-            .insert(header("seq", seq.format(r.seq).as_bytes()))
-            .insert(header("chunk", chunk.format(r.chunk).as_bytes()))
-            .insert(header("timestamp_ms", ts.format(r.timestamp_ms).as_bytes()))
-            .insert(header("encoding", r.encoding.header_value().as_bytes()))
-            .insert(header("sample_rate", b"8000"))
-            .insert(header("channels", b"1"))
-            .insert(header("gateway", inner.gateway_id.as_bytes()))
-            .insert(header(
-                "received_at_us",
-                recv.format(r.received_at_us).as_bytes(),
-            ));
-        if r.chunks != 1 || self.batching() {
-            headers = headers.insert(header("chunks", n.format(r.chunks).as_bytes()));
-        }
+        let headers = audio_headers(r, &inner.gateway_id, inner.frames_per_record > 1);
         let opaque = pack_opaque(false, r.chunks, r.received_mono_us, crate::mono_micros());
         let record = BaseRecord::with_opaque_to(&inner.audio_topics[r.track.index()], opaque)
             .key(r.ids.stream_sid.as_bytes())
@@ -150,8 +125,34 @@ impl Publisher for ConnectionPublisher {
     }
 }
 
-impl ConnectionPublisher {
-    fn batching(&self) -> bool {
-        self.sink.inner.frames_per_record > 1
+/// Builds the headers of an audio record (the public contract, see README). `batching` adds
+/// the `chunks` header. Numbers are formatted on the stack; librdkafka copies every header.
+pub fn audio_headers(r: &AudioRecord<'_>, gateway_id: &str, batching: bool) -> OwnedHeaders {
+    let (mut seq, mut chunk, mut ts, mut recv) = (
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+    );
+    let headers = OwnedHeaders::new_with_capacity(13)
+        .insert(header("stream_sid", r.ids.stream_sid.as_bytes()))
+        .insert(header("call_sid", r.ids.call_sid.as_bytes()))
+        .insert(header("account_sid", r.ids.account_sid.as_bytes()))
+        .insert(header("track", r.track.as_str().as_bytes()))
+        .insert(header("seq", seq.format(r.seq).as_bytes()))
+        .insert(header("chunk", chunk.format(r.chunk).as_bytes()))
+        .insert(header("timestamp_ms", ts.format(r.timestamp_ms).as_bytes()))
+        .insert(header("encoding", r.encoding.header_value().as_bytes()))
+        .insert(header("sample_rate", b"8000"))
+        .insert(header("channels", b"1"))
+        .insert(header("gateway", gateway_id.as_bytes()))
+        .insert(header(
+            "received_at_us",
+            recv.format(r.received_at_us).as_bytes(),
+        ));
+    if batching || r.chunks != 1 {
+        let mut n = itoa::Buffer::new();
+        return headers.insert(header("chunks", n.format(r.chunks).as_bytes()));
     }
+    headers
 }
