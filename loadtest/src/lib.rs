@@ -1,0 +1,26 @@
+//! Twilio Media Streams simulator and end-to-end verifier for the gateway.
+//!
+//! # Layout
+//! - [`audio`] — μ-law sources (raw file, WAV, tone) cut into 20 ms chunks, base64 once.
+//! - [`message`] — Twilio JSON messages built into one reused buffer per stream.
+//! - [`pacing`] — drift-free send schedule (`start + k × 20 ms / speed`), flood mode.
+//! - [`sign`] — `x-twilio-signature`.
+//! - [`client`] — TCP/TLS connect and the WebSocket upgrade.
+//! - [`stream`] — one simulated call (one task per stream, plus its reader task).
+//! - [`stats`] — counters shared by the streams of a run.
+//! - [`verify`] — reads the gateway's Kafka output back and accounts for every chunk.
+//! - [`scenario`] — steady, burst, ramp and soak runs.
+//! - [`metrics`] — scrapes the gateway's Prometheus endpoint (RSS).
+//! - [`report`] — terminal table, JSON report and SVG chart.
+
+pub mod audio;
+pub mod client;
+pub mod message;
+pub mod metrics;
+pub mod pacing;
+pub mod report;
+pub mod scenario;
+pub mod sign;
+pub mod stats;
+pub mod stream;
+pub mod verify;

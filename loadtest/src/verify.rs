@@ -1,0 +1,878 @@
+//! End-to-end verification against the gateway's Kafka output.
+//!
+//! [`Ledger`] is the pure accounting: it is told what every stream sent (through a
+//! [`Registrar`]) and fed the records read back, and counts per stream and track, by chunk
+//! number: received, missing, duplicated, out of order, PCM mismatches (bit-exact against
+//! the G.711 decode of what was sent) and end-to-end latency (consume time − scheduled send
+//! time of the chunk). [`KafkaVerifier`] runs a `BaseConsumer` on its own thread, assigned
+//! (no consumer group) to every partition of `<prefix>.audio.inbound`,
+//! `<prefix>.audio.outbound` and `<prefix>.events` at the high watermarks captured before
+//! the run starts.
+
+use crate::audio::{ChunkTable, CHUNK_BYTES, ULAW_TO_PCM};
+use crate::message::Track;
+use crate::pacing::CHUNK_PERIOD;
+use crate::stats::{chart_buckets, new_histogram, Percentiles};
+use hdrhistogram::Histogram;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Chunk numbers above this are counted as unexpected instead of being tracked (guards
+/// memory against a corrupted header).
+const MAX_TRACKED_CHUNK: u64 = 50_000_000;
+
+/// What a stream tells the verifier when its media begins.
+#[derive(Debug, Clone)]
+pub struct StreamReg {
+    /// Stream SID = Kafka record key.
+    pub sid: String,
+    /// Scheduled instant of chunk 1.
+    pub start: Instant,
+    /// Speed factor of the schedule.
+    pub speed: f64,
+    /// Flood mode: no schedule, latency is measured from `start`.
+    pub flood: bool,
+    /// Chunk-table offsets of the inbound and outbound audio.
+    pub offsets: [usize; 2],
+}
+
+/// Messages from stream tasks (and the runner) to the verifier thread.
+#[derive(Debug)]
+pub enum RegMsg {
+    /// A stream began sending media.
+    Start(StreamReg),
+    /// A stream ended after sending this many media chunks per track.
+    Finished {
+        /// Stream SID.
+        sid: String,
+        /// Chunks sent, `[inbound, outbound]`.
+        sent: [u64; 2],
+    },
+    /// All streams are done: stop after `grace`, or sooner once nothing is missing.
+    Finish {
+        /// Longest wait for late records.
+        grace: Duration,
+    },
+}
+
+/// Sending side of the registration channel; cloned into every stream.
+///
+/// Unbounded by design: it carries two small messages per stream, so its size is bounded
+/// by the number of streams, and a stream must never block on the verifier.
+#[derive(Debug, Clone)]
+pub struct Registrar(mpsc::Sender<RegMsg>);
+
+impl Registrar {
+    /// Registers a stream's start.
+    pub fn start(&self, reg: StreamReg) {
+        let _ = self.0.send(RegMsg::Start(reg));
+    }
+
+    /// Reports what a stream sent in total.
+    pub fn finished(&self, sid: String, sent: [u64; 2]) {
+        let _ = self.0.send(RegMsg::Finished { sid, sent });
+    }
+}
+
+/// Set of received chunk indices (0-based), compacted below the first gap.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    /// Every index below `base` has been seen.
+    base: u64,
+    /// Bit i of word w = index `base + 64 w + i` seen.
+    words: VecDeque<u64>,
+}
+
+impl Seen {
+    /// Marks `i`; false if it was already marked.
+    fn insert(&mut self, i: u64) -> bool {
+        if i < self.base {
+            return false;
+        }
+        let rel = i - self.base;
+        let w = (rel / 64) as usize;
+        while self.words.len() <= w {
+            self.words.push_back(0);
+        }
+        let bit = 1u64 << (rel % 64);
+        if self.words[w] & bit != 0 {
+            return false;
+        }
+        self.words[w] |= bit;
+        while self.words.front() == Some(&u64::MAX) {
+            self.words.pop_front();
+            self.base += 64;
+        }
+        true
+    }
+
+    /// Number of marked indices below `n`.
+    fn count_below(&self, n: u64) -> u64 {
+        let mut c = self.base.min(n);
+        for (w, word) in self.words.iter().enumerate() {
+            let lo = self.base + 64 * w as u64;
+            if lo >= n {
+                break;
+            }
+            let take = (n - lo).min(64);
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                (1u64 << take) - 1
+            };
+            c += (word & mask).count_ones() as u64;
+        }
+        c
+    }
+}
+
+/// Per stream and track accounting.
+#[derive(Debug, Default, Clone)]
+struct TrackLedger {
+    seen: Seen,
+    max_chunk: u64,
+    received: u64,
+    duplicated: u64,
+    out_of_order: u64,
+    mismatched: u64,
+    unexpected: u64,
+}
+
+#[derive(Debug)]
+struct StreamLedger {
+    reg: StreamReg,
+    sent: Option<[u64; 2]>,
+    tracks: [TrackLedger; 2],
+    start_event: bool,
+    end_event: bool,
+}
+
+/// Payload encoding named by the `encoding` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// Little-endian 16-bit PCM, 320 bytes per chunk.
+    PcmS16le,
+    /// Raw μ-law, 160 bytes per chunk.
+    Mulaw,
+}
+
+/// One audio record as read from Kafka.
+#[derive(Debug, Clone, Copy)]
+pub struct AudioRecord<'a> {
+    /// Record key / `stream_sid` header.
+    pub sid: &'a str,
+    /// `track` header.
+    pub track: Track,
+    /// `chunk` header: number of the first chunk in the record.
+    pub chunk: u64,
+    /// `chunks` header (default 1): chunks concatenated in the value.
+    pub chunks: u64,
+    /// `encoding` header.
+    pub encoding: Encoding,
+    /// Record value.
+    pub payload: &'a [u8],
+}
+
+/// Totals for one track direction.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TrackTotals {
+    /// Chunks the streams sent.
+    pub expected: u64,
+    /// Distinct sent chunks read back.
+    pub received: u64,
+    /// Sent chunks never read back.
+    pub missing: u64,
+    /// Chunks read back more than once (extra copies).
+    pub duplicated: u64,
+    /// Chunks read back after a higher chunk number of the same stream and track.
+    pub out_of_order: u64,
+    /// Chunks whose audio differs from what was sent.
+    pub pcm_mismatches: u64,
+    /// Chunks read back that were never sent (number beyond what the stream sent).
+    pub unexpected: u64,
+}
+
+/// Verification results of a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct VerifySummary {
+    /// Streams that registered.
+    pub streams: u64,
+    /// Streams with a `start` event on the events topic.
+    pub start_events: u64,
+    /// Streams with a `stop` or `disconnect` event.
+    pub end_events: u64,
+    /// Sum of inbound and outbound.
+    pub total: TrackTotals,
+    /// Inbound only.
+    pub inbound: TrackTotals,
+    /// Outbound only.
+    pub outbound: TrackTotals,
+    /// Audio records read (a record may hold several chunks).
+    pub audio_records: u64,
+    /// Records that held more than one chunk.
+    pub batched_records: u64,
+    /// Records for streams of other runs (ignored).
+    pub foreign_records: u64,
+    /// Records with missing or unparsable headers.
+    pub malformed_records: u64,
+    /// End-to-end latency per chunk: consume time − scheduled send time.
+    pub latency: Percentiles,
+    /// Latency chart buckets `(upper ms, count)`.
+    pub latency_buckets: Vec<(f64, u64)>,
+    /// Events seen by `type`.
+    pub events: BTreeMap<String, u64>,
+    /// Sum of `frames_published` over stop/disconnect events.
+    pub gateway_frames_published: u64,
+    /// Sum of `frames_dropped` over stop/disconnect events.
+    pub gateway_frames_dropped: u64,
+    /// Consumer errors seen while polling.
+    pub consumer_errors: u64,
+    /// Topics that did not exist when the run started (not verified).
+    pub missing_topics: Vec<String>,
+    /// Latency is measured from stream start because the run was in flood mode.
+    pub flood_latency_from_start: bool,
+}
+
+/// Pure accounting of what was sent against what was read back.
+#[derive(Debug)]
+pub struct Ledger {
+    audio: Arc<ChunkTable>,
+    streams: HashMap<String, StreamLedger>,
+    latency: Histogram<u64>,
+    summary: VerifySummary,
+    /// Live mirror of the latency histogram, when someone watches windows of it.
+    mirror: Option<Arc<VerifyProgress>>,
+}
+
+impl Ledger {
+    /// An empty ledger over the run's audio.
+    pub fn new(audio: Arc<ChunkTable>) -> Self {
+        Ledger {
+            audio,
+            streams: HashMap::new(),
+            latency: new_histogram(),
+            summary: VerifySummary::default(),
+            mirror: None,
+        }
+    }
+
+    /// Applies one registration message (not `Finish`).
+    pub fn apply(&mut self, msg: RegMsg) {
+        match msg {
+            RegMsg::Start(reg) => {
+                if reg.flood {
+                    self.summary.flood_latency_from_start = true;
+                }
+                self.streams.insert(
+                    reg.sid.clone(),
+                    StreamLedger {
+                        reg,
+                        sent: None,
+                        tracks: Default::default(),
+                        start_event: false,
+                        end_event: false,
+                    },
+                );
+            }
+            RegMsg::Finished { sid, sent } => {
+                if let Some(s) = self.streams.get_mut(&sid) {
+                    s.sent = Some(sent);
+                }
+            }
+            RegMsg::Finish { .. } => {}
+        }
+    }
+
+    /// Whether `sid` is a stream of this run.
+    pub fn knows(&self, sid: &str) -> bool {
+        self.streams.contains_key(sid)
+    }
+
+    /// Accounts one audio record consumed at `at`.
+    pub fn audio(&mut self, rec: AudioRecord<'_>, at: Instant) {
+        self.summary.audio_records += 1;
+        let Some(s) = self.streams.get_mut(rec.sid) else {
+            self.summary.foreign_records += 1;
+            return;
+        };
+        if rec.chunks > 1 {
+            self.summary.batched_records += 1;
+        }
+        let per_chunk = match rec.encoding {
+            Encoding::PcmS16le => CHUNK_BYTES * 2,
+            Encoding::Mulaw => CHUNK_BYTES,
+        };
+        let payload_ok = rec.payload.len() == per_chunk * rec.chunks as usize;
+        let t = &mut s.tracks[rec.track.index()];
+        for j in 0..rec.chunks {
+            let chunk = rec.chunk + j;
+            if chunk == 0 || chunk > MAX_TRACKED_CHUNK {
+                t.unexpected += 1;
+                continue;
+            }
+            if !t.seen.insert(chunk - 1) {
+                t.duplicated += 1;
+                continue;
+            }
+            t.received += 1;
+            if chunk < t.max_chunk {
+                t.out_of_order += 1;
+            }
+            t.max_chunk = t.max_chunk.max(chunk);
+            // Audio check.
+            let sent = self
+                .audio
+                .ulaw(s.reg.offsets[rec.track.index()] + chunk as usize - 1);
+            let ok = payload_ok && {
+                let got = &rec.payload[j as usize * per_chunk..(j as usize + 1) * per_chunk];
+                match rec.encoding {
+                    Encoding::Mulaw => got == sent,
+                    Encoding::PcmS16le => got
+                        .chunks_exact(2)
+                        .zip(sent)
+                        .all(|(p, &u)| i16::from_le_bytes([p[0], p[1]]) == ULAW_TO_PCM[u as usize]),
+                }
+            };
+            if !ok {
+                t.mismatched += 1;
+            }
+            // Latency against the schedule of this chunk.
+            let due = if s.reg.flood {
+                s.reg.start
+            } else {
+                let period = CHUNK_PERIOD.as_nanos() as f64 / s.reg.speed;
+                s.reg.start + Duration::from_nanos(((chunk - 1) as f64 * period).round() as u64)
+            };
+            let us = (at.saturating_duration_since(due).as_micros() as u64).clamp(1, 3_600_000_000);
+            let _ = self.latency.record(us);
+            if let Some(m) = &self.mirror {
+                if let Ok(mut h) = m.latency.lock() {
+                    let _ = h.record(us);
+                }
+            }
+        }
+    }
+
+    /// Accounts one JSON event from the events topic.
+    pub fn event(&mut self, value: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(value) else {
+            self.summary.malformed_records += 1;
+            return;
+        };
+        let sid = v.get("stream_sid").and_then(|s| s.as_str()).unwrap_or("");
+        let Some(s) = self.streams.get_mut(sid) else {
+            self.summary.foreign_records += 1;
+            return;
+        };
+        let kind = v.get("type").and_then(|t| t.as_str()).unwrap_or("unknown");
+        *self.summary.events.entry(kind.to_string()).or_default() += 1;
+        match kind {
+            "start" => s.start_event = true,
+            "stop" | "disconnect" => {
+                s.end_event = true;
+                let num = |k: &str| {
+                    v.get(k)
+                        .and_then(|x| x.as_u64().or_else(|| x.as_str()?.parse().ok()))
+                        .unwrap_or(0)
+                };
+                self.summary.gateway_frames_published += num("frames_published");
+                self.summary.gateway_frames_dropped += num("frames_dropped");
+            }
+            _ => {}
+        }
+    }
+
+    /// Counts a record whose headers could not be parsed.
+    pub fn malformed(&mut self) {
+        self.summary.malformed_records += 1;
+    }
+
+    /// True when every registered stream has finished, every sent chunk was read back and
+    /// an end event was seen for every stream.
+    pub fn complete(&self) -> bool {
+        self.streams.values().all(|s| {
+            s.end_event
+                && s.sent.is_some_and(|sent| {
+                    (0..2).all(|t| s.tracks[t].seen.count_below(sent[t]) == sent[t])
+                })
+        })
+    }
+
+    /// The latency histogram so far (µs).
+    pub fn latency(&self) -> &Histogram<u64> {
+        &self.latency
+    }
+
+    /// Totals so far. Streams that never reported `Finished` count what they were seen to
+    /// send as nothing expected.
+    pub fn summary(&self) -> VerifySummary {
+        let mut out = self.summary.clone();
+        out.streams = self.streams.len() as u64;
+        for s in self.streams.values() {
+            out.start_events += s.start_event as u64;
+            out.end_events += s.end_event as u64;
+            let sent = s.sent.unwrap_or([0, 0]);
+            for (t, tl) in s.tracks.iter().enumerate() {
+                let got = tl.seen.count_below(sent[t]);
+                let dst = if t == 0 {
+                    &mut out.inbound
+                } else {
+                    &mut out.outbound
+                };
+                dst.expected += sent[t];
+                dst.received += got;
+                dst.missing += sent[t] - got;
+                dst.duplicated += tl.duplicated;
+                dst.out_of_order += tl.out_of_order;
+                dst.pcm_mismatches += tl.mismatched;
+                dst.unexpected += tl.unexpected + (tl.received - got);
+            }
+        }
+        let (i, o) = (&out.inbound, &out.outbound);
+        out.total = TrackTotals {
+            expected: i.expected + o.expected,
+            received: i.received + o.received,
+            missing: i.missing + o.missing,
+            duplicated: i.duplicated + o.duplicated,
+            out_of_order: i.out_of_order + o.out_of_order,
+            pcm_mismatches: i.pcm_mismatches + o.pcm_mismatches,
+            unexpected: i.unexpected + o.unexpected,
+        };
+        out.latency = Percentiles::of(&self.latency);
+        out.latency_buckets = chart_buckets(&self.latency);
+        out
+    }
+}
+
+/// Errors setting up the consumer.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// librdkafka refused the configuration or an operation.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// Verification settings.
+#[derive(Debug, Clone)]
+pub struct VerifyConfig {
+    /// `host:port[,host:port]`.
+    pub brokers: String,
+    /// Topic prefix (`twilio` → `twilio.audio.inbound`, …).
+    pub topic_prefix: String,
+}
+
+/// Live counters the verifier thread publishes.
+#[derive(Debug)]
+pub struct VerifyProgress {
+    /// Audio chunks read back so far.
+    pub chunks_received: AtomicU64,
+    /// Copy of the latency histogram (µs) for windowed percentiles (ramp steps).
+    pub latency: Mutex<Histogram<u64>>,
+}
+
+impl Default for VerifyProgress {
+    fn default() -> Self {
+        VerifyProgress {
+            chunks_received: AtomicU64::new(0),
+            latency: Mutex::new(new_histogram()),
+        }
+    }
+}
+
+/// Handle to the verifier thread.
+pub struct KafkaVerifier {
+    tx: mpsc::Sender<RegMsg>,
+    progress: Arc<VerifyProgress>,
+    thread: std::thread::JoinHandle<VerifySummary>,
+}
+
+impl KafkaVerifier {
+    /// Connects, captures the high watermarks, assigns, and starts consuming. Blocking
+    /// (metadata round trips): call it from `spawn_blocking` or before the runtime is busy.
+    pub fn start(cfg: &VerifyConfig, audio: Arc<ChunkTable>) -> Result<Self, VerifyError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("group.id", "loadtest-verify")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "latest")
+            .set("fetch.wait.max.ms", "10")
+            .set("fetch.min.bytes", "1")
+            .create()?;
+        let timeout = Duration::from_secs(10);
+        let inbound = format!("{}.audio.inbound", cfg.topic_prefix);
+        let outbound = format!("{}.audio.outbound", cfg.topic_prefix);
+        let events = format!("{}.events", cfg.topic_prefix);
+        let mut tpl = TopicPartitionList::new();
+        let mut missing_topics = Vec::new();
+        for topic in [&inbound, &outbound, &events] {
+            let md = consumer.fetch_metadata(Some(topic), timeout)?;
+            let parts: Vec<i32> = md
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic.as_str() && t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if parts.is_empty() {
+                missing_topics.push(topic.clone());
+                continue;
+            }
+            for p in parts {
+                let (_low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+                tpl.add_partition_offset(topic, p, Offset::Offset(high))?;
+            }
+        }
+        consumer.assign(&tpl)?;
+
+        let (tx, rx) = mpsc::channel();
+        let progress = Arc::new(VerifyProgress::default());
+        let prog = progress.clone();
+        let thread = std::thread::Builder::new()
+            .name("verify".into())
+            .spawn(move || {
+                let mut ledger = Ledger::new(audio);
+                ledger.summary.missing_topics = missing_topics;
+                ledger.mirror = Some(prog.clone());
+                consume_loop(
+                    &consumer,
+                    &rx,
+                    &mut ledger,
+                    &prog,
+                    &inbound,
+                    &outbound,
+                    &events,
+                );
+                ledger.summary()
+            })
+            .map_err(|e| {
+                VerifyError::Kafka(rdkafka::error::KafkaError::ClientCreation(e.to_string()))
+            })?;
+        Ok(KafkaVerifier {
+            tx,
+            progress,
+            thread,
+        })
+    }
+
+    /// A registrar for stream tasks.
+    pub fn registrar(&self) -> Registrar {
+        Registrar(self.tx.clone())
+    }
+
+    /// Live counters.
+    pub fn progress(&self) -> Arc<VerifyProgress> {
+        self.progress.clone()
+    }
+
+    /// Waits up to `grace` for outstanding records and returns the results. Blocking.
+    pub fn finish(self, grace: Duration) -> VerifySummary {
+        let _ = self.tx.send(RegMsg::Finish { grace });
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// Polls until told to finish and the grace period is over (or nothing is missing).
+fn consume_loop(
+    consumer: &BaseConsumer,
+    rx: &mpsc::Receiver<RegMsg>,
+    ledger: &mut Ledger,
+    progress: &VerifyProgress,
+    inbound: &str,
+    outbound: &str,
+    events: &str,
+) {
+    let mut deadline: Option<Instant> = None;
+    let mut last_check = Instant::now();
+    loop {
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                RegMsg::Finish { grace } => deadline = Some(Instant::now() + grace),
+                other => ledger.apply(other),
+            }
+        }
+        if let Some(d) = deadline {
+            let now = Instant::now();
+            if now >= d {
+                break;
+            }
+            if now.duration_since(last_check) > Duration::from_millis(200) {
+                last_check = now;
+                if ledger.complete() {
+                    break;
+                }
+            }
+        }
+        let Some(res) = consumer.poll(Duration::from_millis(50)) else {
+            continue;
+        };
+        let at = Instant::now();
+        let msg = match res {
+            Ok(m) => m,
+            Err(_) => {
+                ledger.summary.consumer_errors += 1;
+                continue;
+            }
+        };
+        let payload = msg.payload().unwrap_or(&[]);
+        if msg.topic() == events {
+            // Registrations may lag the first records of a stream: drain them first.
+            while let Ok(m) = rx.try_recv() {
+                match m {
+                    RegMsg::Finish { grace } => deadline = Some(Instant::now() + grace),
+                    other => ledger.apply(other),
+                }
+            }
+            ledger.event(payload);
+            continue;
+        }
+        let topic_track = if msg.topic() == inbound {
+            Some(Track::Inbound)
+        } else if msg.topic() == outbound {
+            Some(Track::Outbound)
+        } else {
+            None
+        };
+        let key = msg.key().and_then(|k| std::str::from_utf8(k).ok());
+        match parse_audio(key, topic_track, msg.headers(), payload) {
+            Some(rec) => {
+                if !ledger.knows(rec.sid) {
+                    while let Ok(m) = rx.try_recv() {
+                        match m {
+                            RegMsg::Finish { grace } => deadline = Some(Instant::now() + grace),
+                            other => ledger.apply(other),
+                        }
+                    }
+                }
+                progress
+                    .chunks_received
+                    .fetch_add(rec.chunks, Ordering::Relaxed);
+                ledger.audio(rec, at);
+            }
+            None => ledger.malformed(),
+        }
+    }
+}
+
+/// Reads the contract's headers into an [`AudioRecord`].
+fn parse_audio<'a, H: Headers>(
+    key: Option<&'a str>,
+    topic_track: Option<Track>,
+    headers: Option<&'a H>,
+    payload: &'a [u8],
+) -> Option<AudioRecord<'a>> {
+    let mut sid = key;
+    let mut track = topic_track;
+    let mut chunk = None;
+    let mut chunks = 1u64;
+    let mut encoding = Encoding::PcmS16le;
+    if let Some(h) = headers {
+        for i in 0..h.count() {
+            let Some(hd) = h.try_get(i) else { continue };
+            let Some(v) = hd.value else { continue };
+            match hd.key {
+                "stream_sid" if sid.is_none() => sid = std::str::from_utf8(v).ok(),
+                "track" => track = Track::parse(v).or(track),
+                "chunk" => chunk = std::str::from_utf8(v).ok()?.parse().ok(),
+                "chunks" => chunks = std::str::from_utf8(v).ok()?.parse().ok()?,
+                "encoding" => {
+                    encoding = match v {
+                        b"mulaw" => Encoding::Mulaw,
+                        _ => Encoding::PcmS16le,
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Some(AudioRecord {
+        sid: sid?,
+        track: track?,
+        chunk: chunk?,
+        chunks: chunks.max(1),
+        encoding,
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audio::ulaw_to_pcm_le;
+
+    fn table() -> Arc<ChunkTable> {
+        let ulaw: Vec<u8> = (0..CHUNK_BYTES * 10).map(|i| (i * 7 % 256) as u8).collect();
+        Arc::new(ChunkTable::new(&ulaw).expect("ten chunks"))
+    }
+
+    fn reg(sid: &str, start: Instant) -> StreamReg {
+        StreamReg {
+            sid: sid.into(),
+            start,
+            speed: 1.0,
+            flood: false,
+            offsets: [3, 8],
+        }
+    }
+
+    fn pcm(t: &ChunkTable, idx: usize, n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for j in 0..n {
+            ulaw_to_pcm_le(t.ulaw(idx + j), &mut out);
+        }
+        out
+    }
+
+    fn rec<'a>(
+        sid: &'a str,
+        track: Track,
+        chunk: u64,
+        chunks: u64,
+        payload: &'a [u8],
+    ) -> AudioRecord<'a> {
+        AudioRecord {
+            sid,
+            track,
+            chunk,
+            chunks,
+            encoding: Encoding::PcmS16le,
+            payload,
+        }
+    }
+
+    #[test]
+    fn seen_set_counts_and_compacts() {
+        let mut s = Seen::default();
+        for i in 0..200 {
+            assert!(s.insert(i));
+        }
+        assert!(!s.insert(5));
+        assert_eq!(s.base, 192);
+        assert!(s.insert(300));
+        assert_eq!(s.count_below(200), 200);
+        assert_eq!(s.count_below(301), 201);
+        assert_eq!(s.count_below(100), 100);
+    }
+
+    #[test]
+    fn accounting_counts_every_kind_of_fault() {
+        let t = table();
+        let start = Instant::now();
+        let mut l = Ledger::new(t.clone());
+        l.apply(RegMsg::Start(reg("MZa", start)));
+        // Inbound: 6 chunks sent. Receive 1, 2, 4, 3 (late), 2 again (dup), 5 with bad
+        // audio; 6 never arrives.
+        let at = start + Duration::from_millis(500);
+        for c in [1u64, 2, 4, 3] {
+            let p = pcm(&t, 3 + c as usize - 1, 1);
+            l.audio(rec("MZa", Track::Inbound, c, 1, &p), at);
+        }
+        let p2 = pcm(&t, 3 + 1, 1);
+        l.audio(rec("MZa", Track::Inbound, 2, 1, &p2), at);
+        let mut bad = pcm(&t, 3 + 4, 1);
+        bad[10] ^= 1;
+        l.audio(rec("MZa", Track::Inbound, 5, 1, &bad), at);
+        // Outbound: 4 chunks sent, all in one batched record (chunks = 4), plus a chunk 9
+        // that was never sent.
+        let p = pcm(&t, 8, 4);
+        l.audio(rec("MZa", Track::Outbound, 1, 4, &p), at);
+        let p9 = pcm(&t, 8 + 8, 1);
+        l.audio(rec("MZa", Track::Outbound, 9, 1, &p9), at);
+        // Records of other runs are ignored.
+        l.audio(rec("MZother", Track::Inbound, 1, 1, &p2), at);
+        l.apply(RegMsg::Finished {
+            sid: "MZa".into(),
+            sent: [6, 4],
+        });
+        let s = l.summary();
+        assert_eq!(s.inbound.expected, 6);
+        assert_eq!(s.inbound.received, 5);
+        assert_eq!(s.inbound.missing, 1);
+        assert_eq!(s.inbound.duplicated, 1);
+        assert_eq!(s.inbound.out_of_order, 1);
+        assert_eq!(s.inbound.pcm_mismatches, 1);
+        assert_eq!(s.outbound.expected, 4);
+        assert_eq!(s.outbound.received, 4);
+        assert_eq!(s.outbound.missing, 0);
+        assert_eq!(s.outbound.pcm_mismatches, 0);
+        assert_eq!(s.outbound.unexpected, 1);
+        assert_eq!(s.batched_records, 1);
+        assert_eq!(s.foreign_records, 1);
+        assert_eq!(s.total.missing, 1);
+        assert_eq!(s.total.expected, 10);
+        assert!(!l.complete());
+    }
+
+    #[test]
+    fn mulaw_records_and_wrong_lengths() {
+        let t = table();
+        let start = Instant::now();
+        let mut l = Ledger::new(t.clone());
+        l.apply(RegMsg::Start(reg("MZb", start)));
+        let raw = t.ulaw(3).to_vec();
+        l.audio(
+            AudioRecord {
+                encoding: Encoding::Mulaw,
+                ..rec("MZb", Track::Inbound, 1, 1, &raw)
+            },
+            start,
+        );
+        // A truncated PCM payload is a mismatch, not a panic.
+        let short = pcm(&t, 4, 1)[..100].to_vec();
+        l.audio(rec("MZb", Track::Inbound, 2, 1, &short), start);
+        l.apply(RegMsg::Finished {
+            sid: "MZb".into(),
+            sent: [2, 0],
+        });
+        let s = l.summary();
+        assert_eq!(s.inbound.received, 2);
+        assert_eq!(s.inbound.pcm_mismatches, 1);
+    }
+
+    #[test]
+    fn latency_is_against_the_chunk_schedule() {
+        let t = table();
+        let start = Instant::now();
+        let mut l = Ledger::new(t.clone());
+        l.apply(RegMsg::Start(reg("MZc", start)));
+        // Chunk 51 is due 1 s after start; consumed 1.030 s after start → 30 ms.
+        let p = pcm(&t, 3 + 50, 1);
+        l.audio(
+            rec("MZc", Track::Inbound, 51, 1, &p),
+            start + Duration::from_millis(1030),
+        );
+        let h = l.latency();
+        assert_eq!(h.len(), 1);
+        let v = h.max();
+        assert!((29_900..=30_100).contains(&v), "{v}");
+    }
+
+    #[test]
+    fn events_are_counted() {
+        let mut l = Ledger::new(table());
+        l.apply(RegMsg::Start(reg("MZd", Instant::now())));
+        l.event(br#"{"type":"start","stream_sid":"MZd"}"#);
+        l.event(
+            br#"{"type":"stop","stream_sid":"MZd","frames_published":10,"frames_dropped":"2"}"#,
+        );
+        l.event(br#"{"type":"stop","stream_sid":"MZzz"}"#);
+        l.event(b"not json");
+        l.apply(RegMsg::Finished {
+            sid: "MZd".into(),
+            sent: [0, 0],
+        });
+        let s = l.summary();
+        assert_eq!(s.start_events, 1);
+        assert_eq!(s.end_events, 1);
+        assert_eq!(s.gateway_frames_published, 10);
+        assert_eq!(s.gateway_frames_dropped, 2);
+        assert_eq!(s.foreign_records, 1);
+        assert_eq!(s.malformed_records, 1);
+        assert!(l.complete());
+    }
+}
