@@ -25,7 +25,9 @@ else
   echo "run.sh: Tansu broker on 127.0.0.1:$BROKER_PORT (in memory; log .tansu/broker.log)" >&2
 fi
 cargo build --release -p gateway
-exec_args=(--brokers "127.0.0.1:$BROKER_PORT" --create-topics "$@")
+# Local runs accept unsigned streams; a --twilio-auth-token (or GATEWAY_TWILIO_AUTH_TOKEN) plus
+# --public-url among the arguments turns signature checks on (a token overrides the flag).
+exec_args=(--brokers "127.0.0.1:$BROKER_PORT" --create-topics --insecure-skip-signature "$@")
 "$ROOT/target/release/gateway" "${exec_args[@]}" &
 GW_PID=$!
 trap 'kill -TERM $GW_PID 2>/dev/null; wait $GW_PID; cleanup' INT TERM

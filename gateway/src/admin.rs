@@ -25,6 +25,9 @@ pub fn readiness(ctx: &ServerContext) -> Result<(), &'static str> {
     if !ctx.sink.brokers_reachable() {
         return Err("brokers unreachable");
     }
+    if ctx.sink.over_watermark() {
+        return Err("in-flight audio above the readiness watermark");
+    }
     if ctx.open_streams() >= ctx.max_streams {
         return Err("at capacity");
     }

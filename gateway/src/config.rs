@@ -34,6 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the effective configuration as TOML and exit.
     PrintConfig,
+    /// Consume the gateway's topics and write one WAV per stream and track.
+    Tap(crate::tap::TapArgs),
 }
 
 /// Flags of the gateway. All optional here so the file and defaults can fill them in.
@@ -100,6 +102,12 @@ pub struct RunArgs {
     /// Budget for audio queued towards Kafka, bytes [default: 268435456].
     #[arg(long, env = "GATEWAY_MAX_INFLIGHT_BYTES")]
     pub max_inflight_bytes: Option<u64>,
+    /// When the in-flight budget is full: drop-newest, drop-oldest or disconnect [default: drop-newest].
+    #[arg(long, env = "GATEWAY_OVERFLOW")]
+    pub overflow: Option<String>,
+    /// Fraction of the in-flight budget above which /readyz fails [default: 0.8].
+    #[arg(long, env = "GATEWAY_READINESS_WATERMARK")]
+    pub readiness_watermark: Option<f64>,
     /// End a stream after this long without any frame [default: 5s].
     #[arg(long, env = "GATEWAY_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
@@ -112,6 +120,9 @@ pub struct RunArgs {
     /// Cap on the HTTP request head, bytes (minimum 8192) [default: 16384].
     #[arg(long, env = "GATEWAY_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
+    /// TLS, Twilio signatures, handshake caps, TwiML (see [`crate::security::config`]).
+    #[command(flatten)]
+    pub security: crate::security::config::SecurityArgs,
 }
 
 /// The same keys in a TOML file.
@@ -136,10 +147,25 @@ struct FileConfig {
     gateway_id: Option<String>,
     max_message_bytes: Option<usize>,
     max_inflight_bytes: Option<u64>,
+    overflow: Option<String>,
+    readiness_watermark: Option<f64>,
     idle_timeout: Option<String>,
     ping_interval: Option<String>,
     handshake_timeout: Option<String>,
     max_header_bytes: Option<usize>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    public_url: Option<String>,
+    twilio_auth_token: Option<crate::security::config::Secret>,
+    twilio_auth_token_secondary: Option<crate::security::config::Secret>,
+    twilio_auth_token_file: Option<PathBuf>,
+    insecure_skip_signature: Option<bool>,
+    max_concurrent_handshakes: Option<usize>,
+    max_handshakes_per_second: Option<u32>,
+    twiml_mode: Option<String>,
+    twiml_track: Option<String>,
+    twiml_then: Option<String>,
+    twiml_parameters: Option<Vec<String>>,
 }
 
 /// Log output format.
@@ -190,6 +216,10 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// In-flight audio budget.
     pub max_inflight_bytes: u64,
+    /// Full-budget policy.
+    pub overflow: crate::sink::OverflowPolicy,
+    /// Fraction of the budget above which /readyz fails.
+    pub readiness_watermark: f64,
     /// Idle timeout.
     pub idle_timeout: Duration,
     /// Ping after quiet (None: off).
@@ -198,6 +228,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// HTTP head cap.
     pub max_header_bytes: usize,
+    /// TLS, signatures, handshake caps, TwiML.
+    pub security: crate::security::config::SecurityConfig,
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h` or a bare number of seconds.
@@ -435,6 +467,25 @@ impl Config {
                 "--max-inflight-bytes: {max_inflight_bytes} must be between 1 MiB and 64 GiB"
             ));
         }
+        let overflow_s = args
+            .overflow
+            .or(file.overflow)
+            .unwrap_or_else(|| "drop-newest".into());
+        let overflow = crate::sink::OverflowPolicy::parse(&overflow_s).unwrap_or_else(|| {
+            errors.push(format!(
+                "--overflow: {overflow_s:?} must be drop-newest, drop-oldest or disconnect"
+            ));
+            crate::sink::OverflowPolicy::DropNewest
+        });
+        let readiness_watermark = args
+            .readiness_watermark
+            .or(file.readiness_watermark)
+            .unwrap_or(0.8);
+        if !(readiness_watermark > 0.0 && readiness_watermark <= 1.0) {
+            errors.push(format!(
+                "--readiness-watermark: {readiness_watermark} must be in (0, 1]"
+            ));
+        }
         let max_header_bytes = args
             .max_header_bytes
             .or(file.max_header_bytes)
@@ -454,6 +505,25 @@ impl Config {
         if listen == admin_listen && listen.port() != 0 {
             errors.push("--listen and --admin-listen must differ".into());
         }
+        let security = crate::security::config::SecurityConfig::from_parts(
+            args.security,
+            crate::security::config::SecurityFile {
+                tls_cert: file.tls_cert,
+                tls_key: file.tls_key,
+                public_url: file.public_url,
+                twilio_auth_token: file.twilio_auth_token,
+                twilio_auth_token_secondary: file.twilio_auth_token_secondary,
+                twilio_auth_token_file: file.twilio_auth_token_file,
+                insecure_skip_signature: file.insecure_skip_signature,
+                max_concurrent_handshakes: file.max_concurrent_handshakes,
+                max_handshakes_per_second: file.max_handshakes_per_second,
+                twiml_mode: file.twiml_mode,
+                twiml_track: file.twiml_track,
+                twiml_then: file.twiml_then,
+                twiml_parameters: file.twiml_parameters,
+            },
+            &mut errors,
+        );
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -476,10 +546,13 @@ impl Config {
             gateway_id,
             max_message_bytes,
             max_inflight_bytes,
+            overflow,
+            readiness_watermark,
             idle_timeout,
             ping_interval,
             handshake_timeout,
             max_header_bytes,
+            security,
         })
     }
 
@@ -516,6 +589,8 @@ impl Config {
             ("gateway_id", q(&self.gateway_id)),
             ("max_message_bytes", self.max_message_bytes.to_string()),
             ("max_inflight_bytes", self.max_inflight_bytes.to_string()),
+            ("overflow", q(self.overflow.as_str())),
+            ("readiness_watermark", self.readiness_watermark.to_string()),
             (
                 "idle_timeout",
                 q(&format!("{}ms", self.idle_timeout.as_millis())),
@@ -536,6 +611,7 @@ impl Config {
         for (k, v) in lines {
             s.push_str(&format!("{k} = {v}\n"));
         }
+        s.push_str(&self.security.to_toml());
         if !self.kafka_options.is_empty() {
             s.push_str("\n[kafka_options]\n");
             for (k, v) in &self.kafka_options {
@@ -551,7 +627,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, Vec<String>> {
-        let mut v = vec!["gateway"];
+        let mut v = vec!["gateway", "--insecure-skip-signature"];
         v.extend_from_slice(args);
         Config::from_args(Cli::try_parse_from(v).unwrap().run)
     }

@@ -39,6 +39,7 @@ enum End {
     Eof(&'static str),
     IdleTimeout,
     Shutdown,
+    Backpressure,
     Error(SessionError),
 }
 
@@ -136,6 +137,26 @@ async fn send_close<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = tokio::time::timeout(Duration::from_secs(1), fut).await;
 }
 
+/// Lingering close: half-close our side, then read and discard what the peer still sends, up to
+/// 1 s or 256 KiB. Closing a socket with unread input makes the kernel send RST, which can
+/// destroy our close frame before the peer reads it (e.g. right after refusing an oversized
+/// message whose payload is still in flight).
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let drain = async {
+        let _ = io.shutdown().await;
+        let mut buf = [0u8; 4096];
+        let mut total = 0usize;
+        while total < 256 * 1024 {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
 /// Serves one upgraded WebSocket until it ends. Never panics on input; logs and counts how it
 /// ended.
 pub async fn serve<S>(mut ws: WebSocket<S>, sink: Sink, cfg: ConnectionConfig, conn_id: u64)
@@ -203,6 +224,9 @@ where
             OpCode::Close => break End::PeerClosed,
             OpCode::Ping | OpCode::Pong => continue,
         };
+        if c.publisher.backpressure_close() {
+            break End::Backpressure;
+        }
         match result {
             Ok(Flow::Continue) => {}
             Ok(Flow::Stopped) => break End::Stopped,
@@ -298,6 +322,18 @@ where
             );
             "shutdown"
         }
+        End::Backpressure => {
+            c.session
+                .disconnect("backpressure", now(), &mut c.publisher);
+            send_close(&mut ws, close_code::TRY_AGAIN_LATER, "kafka backpressure").await;
+            tracing::warn!(
+                conn_id,
+                stream_sid = sid,
+                call_sid = call,
+                "stream closed: in-flight budget full (--overflow disconnect)"
+            );
+            "backpressure"
+        }
         End::Error(e) => {
             c.session.fail(&e, now(), &mut c.publisher);
             send_close(&mut ws, e.close_code, &e.reason).await;
@@ -309,5 +345,6 @@ where
         metrics.open_streams.dec();
         metrics.stream_ended(outcome);
     }
+    linger(ws.into_inner()).await;
     metrics.open_connections.dec();
 }

@@ -17,6 +17,9 @@
 //! - [`metrics`]: every metric name, registered once.
 //! - [`config`]: flags, `GATEWAY_*` env, TOML file; validated before anything binds.
 //! - [`shutdown`]: drain coordination for SIGTERM.
+//! - [`security`]: TLS (wss), Twilio signatures, `/twilio/status` and `/twilio/voice`,
+//!   handshake caps.
+//! - [`tap`]: `gateway tap`: consumes the topics, writes one WAV per stream and track.
 
 pub mod admin;
 pub mod config;
@@ -24,10 +27,12 @@ pub mod connection;
 pub mod events;
 pub mod metrics;
 pub mod protocol;
+pub mod security;
 pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod sink;
+pub mod tap;
 pub mod watchdog;
 
 /// Unix time now, in µs.

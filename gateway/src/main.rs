@@ -7,6 +7,7 @@ use clap::Parser;
 use gateway::config::{Cli, Command, Config, LogFormat, EXIT_CONFIG};
 use gateway::connection::ConnectionConfig;
 use gateway::metrics::Metrics;
+use gateway::security::Security;
 use gateway::server::ServerContext;
 use gateway::session::SessionConfig;
 use gateway::shutdown::Shutdown;
@@ -39,6 +40,16 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
+    // The tap is a Kafka consumer: it needs none of the gateway's configuration.
+    if let Some(Command::Tap(args)) = cli.command {
+        return match gateway::tap::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gateway tap: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cfg = match Config::from_args(cli.run) {
         Ok(c) => c,
         Err(errors) => {
@@ -100,12 +111,15 @@ async fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         gateway_id: cfg.gateway_id.clone(),
         max_inflight_bytes: cfg.max_inflight_bytes,
         frames_per_record: cfg.frames_per_record,
+        overflow: cfg.overflow,
         kafka_options: cfg.kafka_options.clone(),
         create_topics: cfg.create_topics,
         topic_partitions: cfg.topic_partitions,
         topic_replication: cfg.topic_replication,
     };
     let sink = Sink::new(&sink_cfg, metrics.clone())?;
+    sink.set_readiness_watermark(cfg.readiness_watermark);
+    tokio::spawn(gateway::sink::drive(sink.clone(), Duration::from_millis(2)));
     topics::ensure_topics(&sink_cfg, Duration::from_secs(15)).await?;
     sink.probe_brokers(Duration::from_secs(5));
 
@@ -116,6 +130,12 @@ async fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         .await
         .map_err(|e| format!("binding --admin-listen {}: {e}", cfg.admin_listen))?;
     let shutdown = Shutdown::new();
+    let security = Security::from_config(&cfg.security)?;
+    security.log_startup(&cfg.security);
+    let tls_mode = security.mode();
+    if let Some(tls) = &security.tls {
+        tls.spawn_watcher(Duration::from_secs(2));
+    }
     let ctx = ServerContext::new(
         sink.clone(),
         ConnectionConfig {
@@ -137,6 +157,7 @@ async fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         cfg.handshake_timeout,
         cfg.max_header_bytes,
         shutdown.clone(),
+        security,
     );
     tokio::spawn(admin::run(admin_listener, ctx.clone()));
     tokio::spawn(admin::probe_brokers_forever(
@@ -146,7 +167,7 @@ async fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(
         listen = %listener.local_addr()?, admin = %cfg.admin_listen, ws_path = %cfg.ws_path, brokers = %cfg.brokers,
         topic_prefix = %cfg.topic_prefix, gateway_id = %cfg.gateway_id, frames_per_record = cfg.frames_per_record,
-        tls = "off (plain ws; terminate TLS in front)", "gateway ready"
+        tls = tls_mode, "gateway ready"
     );
     {
         let shutdown = shutdown.clone();

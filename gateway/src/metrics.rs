@@ -83,6 +83,7 @@ pub const STREAM_OUTCOMES: &[&str] = &[
     "idle_timeout",
     "protocol_error",
     "shutdown",
+    "backpressure",
 ];
 
 /// Event types published on the events topic.
@@ -94,6 +95,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "disconnect",
     "error",
     "sequence_gap",
+    "status",
 ];
 
 /// Message events counted by `gateway_messages_received_total`.
@@ -117,7 +119,17 @@ pub const HTTP_REJECTIONS: &[&str] = &[
     "capacity",
     "draining",
     "bad_upgrade",
+    "signature",
+    "bad_request",
+    "method_not_allowed",
+    "body_too_large",
+    "handshake_rate",
+    "handshake_concurrency",
+    "tls_handshake",
 ];
+
+/// Why a Twilio signature was refused (`gateway_signature_rejections_total`).
+pub const SIGNATURE_REJECTIONS: &[&str] = &["missing", "invalid"];
 
 /// Sub-millisecond to multi-second buckets for latencies measured in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -167,10 +179,15 @@ pub struct Metrics {
     /// `gateway_events_failed_total`.
     pub events_failed: IntCounter,
     http_rejections: IntCounterVec,
+    signature_rejections: IntCounterVec,
     /// `gateway_kafka_delivery_latency_seconds`: enqueue → broker ack.
     pub delivery_latency: Histogram,
     /// `gateway_receive_to_ack_latency_seconds`: WebSocket receive → broker ack.
     pub receive_to_ack: Histogram,
+    /// `gateway_inflight_bytes`: bytes charged to `--max-inflight-bytes` (socket → broker ack).
+    pub inflight_bytes: IntGauge,
+    /// `gateway_inflight_budget_bytes`: the configured budget.
+    pub inflight_budget_bytes: IntGauge,
     /// `gateway_kafka_queue_messages`.
     pub kafka_queue_messages: IntGauge,
     /// `gateway_kafka_queue_bytes`.
@@ -403,6 +420,13 @@ impl Metrics {
                 "reason",
                 HTTP_REJECTIONS,
             ),
+            signature_rejections: counter_vec(
+                &r,
+                "gateway_signature_rejections_total",
+                "Requests refused for a missing or invalid X-Twilio-Signature (upgrades and webhooks).",
+                "reason",
+                SIGNATURE_REJECTIONS,
+            ),
             delivery_latency: histogram(
                 &r,
                 "gateway_kafka_delivery_latency_seconds",
@@ -413,6 +437,8 @@ impl Metrics {
                 "gateway_receive_to_ack_latency_seconds",
                 "WebSocket receive of a chunk to broker acknowledgement of its record.",
             ),
+            inflight_bytes: gauge(&r, "gateway_inflight_bytes", "Bytes of records between socket read and broker acknowledgement (charged to the budget)."),
+            inflight_budget_bytes: gauge(&r, "gateway_inflight_budget_bytes", "The configured in-flight budget (--max-inflight-bytes)."),
             kafka_queue_messages: gauge(
                 &r,
                 "gateway_kafka_queue_messages",
@@ -467,6 +493,11 @@ impl Metrics {
     /// Counts one event record of `kind` handed to the producer.
     pub fn event_published(&self, kind: &'static str) {
         self.events_published.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts one Twilio signature refusal (`missing` or `invalid`).
+    pub fn signature_rejected(&self, reason: &'static str) {
+        self.signature_rejections.with_label_values(&[reason]).inc();
     }
 
     /// Counts one HTTP refusal.

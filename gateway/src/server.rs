@@ -21,10 +21,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::connection::{self, ConnectionConfig};
+use crate::security::limits::TokenBucket;
+use crate::security::{webhook, Security};
 use crate::shutdown::Shutdown;
 use crate::sink::Sink;
 use crate::watchdog::{Watchdog, WatchdogConfig};
@@ -49,6 +52,8 @@ pub struct ServerContext {
     pub max_header_bytes: usize,
     /// Drain state.
     pub shutdown: Arc<Shutdown>,
+    /// TLS, signature checks, Twilio endpoints, handshake caps.
+    pub security: Security,
     next_conn_id: AtomicU64,
 }
 
@@ -64,6 +69,7 @@ impl ServerContext {
         handshake_timeout: Duration,
         max_header_bytes: usize,
         shutdown: Arc<Shutdown>,
+        security: Security,
     ) -> Arc<Self> {
         Arc::new(ServerContext {
             sink,
@@ -75,6 +81,7 @@ impl ServerContext {
             handshake_timeout,
             max_header_bytes,
             shutdown,
+            security,
             next_conn_id: AtomicU64::new(1),
         })
     }
@@ -101,6 +108,9 @@ async fn handle(
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let metrics = ctx.sink.metrics();
+    if webhook::is_webhook_path(req.uri().path()) {
+        return Ok(webhook::handle(&ctx, req, peer).await);
+    }
     if req.uri().path() != ctx.ws_path {
         metrics.http_rejected("not_found");
         return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
@@ -113,6 +123,20 @@ async fn handle(
             hyper::header::HeaderValue::from_static("websocket"),
         );
         return Ok(r);
+    }
+    // Twilio signs the configured public wss:// URL; the request's own Host and path only
+    // had to match the listener (the path check above).
+    if let Some(validator) = &ctx.security.validator {
+        let sig = req
+            .headers()
+            .get("x-twilio-signature")
+            .map(|v| v.as_bytes());
+        if let Err(why) = validator.verify(sig, &ctx.security.stream_urls, b"") {
+            metrics.signature_rejected(why.as_str());
+            metrics.http_rejected("signature");
+            tracing::warn!(%peer, reason = why.as_str(), "stream refused: bad Twilio signature");
+            return Ok(text(StatusCode::FORBIDDEN, "invalid signature\n"));
+        }
     }
     if ctx.shutdown.is_draining() {
         metrics.http_rejected("draining");
@@ -155,8 +179,37 @@ async fn handle(
     Ok(response.map(|_| Full::new(Bytes::new())))
 }
 
+/// Serves HTTP/1.1 on `io` (plain TCP or TLS) until the upgrade or `budget` runs out.
+async fn serve_http<I>(io: I, ctx: Arc<ServerContext>, peer: SocketAddr, budget: Duration)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc_ctx = ctx.clone();
+    let svc = service_fn(move |req| handle(svc_ctx.clone(), req, peer));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(budget)
+        .max_buf_size(ctx.max_header_bytes.max(8192))
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    match tokio::time::timeout(budget, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "http connection error"),
+        Err(_) => tracing::debug!(%peer, "handshake timeout"),
+    }
+}
+
 /// Accepts connections until draining begins. Returns then; open streams continue.
+///
+/// Before any TLS or HTTP work a connection must take a token from the
+/// `--max-handshakes-per-second` bucket and a `--max-concurrent-handshakes` permit (held
+/// until the upgrade or the end of the HTTP exchange); otherwise it is closed at once and
+/// counted. With TLS, `--handshake-timeout` covers the TLS handshake and the request head.
 pub async fn run(listener: TcpListener, ctx: Arc<ServerContext>) {
+    let mut bucket = TokenBucket::new(
+        ctx.security.handshakes_per_second,
+        std::time::Instant::now(),
+    );
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.drained() => break,
@@ -171,22 +224,42 @@ pub async fn run(listener: TcpListener, ctx: Arc<ServerContext>) {
                 continue;
             }
         };
+        let metrics = ctx.sink.metrics();
+        if let Some(bucket) = bucket.as_mut() {
+            if !bucket.try_take(std::time::Instant::now()) {
+                metrics.http_rejected("handshake_rate");
+                tracing::debug!(%peer, "connection closed: --max-handshakes-per-second");
+                continue;
+            }
+        }
+        let Ok(handshake_permit) = ctx.security.handshakes.clone().try_acquire_owned() else {
+            metrics.http_rejected("handshake_concurrency");
+            tracing::debug!(%peer, "connection closed: --max-concurrent-handshakes");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let io = TokioIo::new(tcp);
-            let svc_ctx = ctx.clone();
-            let svc = service_fn(move |req| handle(svc_ctx.clone(), req, peer));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(ctx.handshake_timeout)
-                .max_buf_size(ctx.max_header_bytes.max(8192))
-                .serve_connection(io, svc)
-                .with_upgrades();
-            match tokio::time::timeout(ctx.handshake_timeout, conn).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "http connection error"),
-                Err(_) => tracing::debug!(%peer, "handshake timeout"),
+            let _handshake_permit = handshake_permit;
+            let budget = ctx.handshake_timeout;
+            let Some(tls) = &ctx.security.tls else {
+                serve_http(tcp, ctx.clone(), peer, budget).await;
+                return;
+            };
+            let started = std::time::Instant::now();
+            match tokio::time::timeout(budget, tls.acceptor().accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let left = budget.saturating_sub(started.elapsed());
+                    serve_http(stream, ctx.clone(), peer, left).await;
+                }
+                Ok(Err(e)) => {
+                    ctx.sink.metrics().http_rejected("tls_handshake");
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    ctx.sink.metrics().http_rejected("tls_handshake");
+                    tracing::debug!(%peer, "TLS handshake timeout");
+                }
             }
         });
     }

@@ -141,6 +141,8 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
     /// Internal error.
     pub const INTERNAL: u16 = 1011;
+    /// Try again later (Kafka backpressure with `--overflow disconnect`).
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 impl SessionError {

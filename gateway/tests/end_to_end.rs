@@ -535,6 +535,7 @@ fn missing_topics_without_create_is_a_clear_startup_error() {
             "--topic-prefix",
             &unique_prefix("nocreate"),
             "--create-topics=false",
+            "--insecure-skip-signature",
         ])
         .args([
             "--listen",

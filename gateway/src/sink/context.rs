@@ -9,6 +9,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 
 use crate::metrics::Metrics;
 
@@ -48,12 +49,14 @@ pub fn unpack_opaque(opaque: usize, now_mono_us: u64) -> (bool, u64, u64, u64) {
 /// Producer context: metrics on delivery and from statistics.
 pub struct SinkContext {
     metrics: Arc<Metrics>,
+    /// Delivery reports handled so far; lets the poll loop tell whether a poll did work.
+    pub(crate) reports: std::sync::atomic::AtomicU64,
 }
 
 impl SinkContext {
     /// A context reporting into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        SinkContext { metrics }
+        SinkContext { metrics, reports: std::sync::atomic::AtomicU64::new(0) }
     }
 }
 
@@ -84,6 +87,17 @@ impl ProducerContext for SinkContext {
         let (is_event, chunks, since_enqueue, since_receive) =
             unpack_opaque(opaque, crate::mono_micros());
         let m = &self.metrics;
+        self.reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Credit the budget with exactly what was charged at enqueue (same bytes, same formula).
+        let msg = match result {
+            Ok(msg) => msg,
+            Err((_, msg)) => msg,
+        };
+        let cost = super::record_cost(
+            msg.key().map_or(0, <[u8]>::len),
+            msg.payload().map_or(0, <[u8]>::len),
+        );
+        m.inflight_bytes.sub(cost as i64);
         match result {
             Ok(_) => {
                 if is_event {
@@ -103,6 +117,9 @@ impl ProducerContext for SinkContext {
                 if is_event {
                     m.events_failed.inc();
                     tracing::warn!(stream_sid = %key, error = %err, topic = msg.topic(), "event delivery failed");
+                } else if err.rdkafka_error_code() == Some(RDKafkaErrorCode::PurgeQueue) {
+                    // drop-oldest eviction: counted as such, not as a delivery failure.
+                    m.frames_dropped(crate::metrics::DropReason::Evicted, chunks);
                 } else {
                     m.frames_failed(&code, chunks);
                     tracing::warn!(stream_sid = %key, error = %err, chunks, topic = msg.topic(), "audio delivery failed");

@@ -86,6 +86,9 @@ pub fn brokers() -> String {
             std::thread::spawn(move || {
                 let child = cmd.spawn();
                 let ok = child.is_ok();
+                if let Ok(c) = &child {
+                    BROKER_PID.store(c.id(), std::sync::atomic::Ordering::SeqCst);
+                }
                 tx.send(child.map(|_| ()).map_err(|e| e.to_string()))
                     .unwrap();
                 if ok {
@@ -99,6 +102,26 @@ pub fn brokers() -> String {
             format!("127.0.0.1:{port}")
         })
         .clone()
+}
+
+static BROKER_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// PID of the broker this test binary started (None when `GATEWAY_TEST_BROKERS` is used).
+pub fn broker_pid() -> Option<u32> {
+    brokers();
+    match BROKER_PID.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => None,
+        p => Some(p),
+    }
+}
+
+/// Sends `sig` to the test broker (SIGSTOP/SIGCONT for outage tests).
+pub fn signal_broker(sig: i32) {
+    let pid = broker_pid()
+        .expect("outage tests need the test-started broker (unset GATEWAY_TEST_BROKERS)");
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
 }
 
 pub fn wait_port(port: u16, timeout: Duration) {
@@ -169,6 +192,8 @@ impl Gateway {
             "3",
             "--gateway-id",
             "gw-test",
+            // Unsigned test clients; a token in `extra` turns validation on regardless.
+            "--insecure-skip-signature",
         ])
         .args(extra)
         .env(
