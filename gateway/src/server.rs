@@ -2,10 +2,13 @@
 //! WebSocket, and spawn one [`crate::connection`] task per stream.
 //!
 //! Checks happen **before** `fastwebsockets::upgrade` (which only validates the key and
-//! version): path (`404`), method and upgrade headers (`400`/`426`), draining and capacity
+//! version): path (`404`), method and upgrade headers (`400`/`426`), Twilio signature (`403`,
+//! see [`crate::security`]), draining and capacity
 //! (`503`, so Twilio fails over with 31920 instead of us accepting audio we cannot carry). A
 //! `Semaphore` permit moved into each connection task caps concurrent streams. Connection errors
-//! are logged inside their task and never reach the accept loop.
+//! are logged inside their task and never reach the accept loop. Below hyper the socket is
+//! plain TCP or a rustls stream (`--tls-cert`); `/twilio/*` requests go to
+//! [`crate::security::webhook`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -393,10 +393,15 @@ async fn wss_streams_bit_exact_and_certificate_reload_keeps_live_stream() {
     let brokers = gw.brokers.clone();
     let tps = topics(&gw);
     let inbound = tps[0].clone();
+    let keys = [sid_a.clone(), sid_b.clone()];
     let recs = tokio::task::spawn_blocking(move || {
         consume_until(&brokers, &tps, Duration::from_secs(60), |r| {
-            r.iter().filter(|x| x.topic.contains(".audio.")).count() >= 130
-                && r.iter().filter(|x| x.topic.ends_with(".events")).count() >= 4
+            let keyed_events = r
+                .iter()
+                .filter(|x| x.topic.ends_with(".events"))
+                .filter(|x| keys.iter().any(|k| x.key.as_deref() == Some(k)))
+                .count();
+            r.iter().filter(|x| x.topic.contains(".audio.")).count() >= 130 && keyed_events >= 4
         })
     })
     .await
@@ -678,11 +683,12 @@ async fn status_callback_and_twiml_are_signed_escaped_and_published() {
     let brokers = gw.brokers.clone();
     let events = vec![format!("{}.events", gw.prefix)];
     let recs = tokio::task::spawn_blocking(move || {
-        consume_until(&brokers, &events, Duration::from_secs(30), |r| r.len() >= 2)
+        consume_until(&brokers, &events, Duration::from_secs(30), |r| r.len() >= 2);
+        // Then linger: a refused callback that leaked would show up as a third record.
+        consume_until(&brokers, &events, Duration::from_secs(2), |r| r.len() >= 3)
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(recs.len(), 2, "only the two signed callbacks are published");
     let by_key: HashMap<String, serde_json::Value> = recs
         .iter()

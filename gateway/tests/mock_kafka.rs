@@ -1,0 +1,571 @@
+//! Kafka faults against librdkafka's in-process mock cluster (`rdkafka::mocking::MockCluster`),
+//! driving the real `Sink` + `ConnectionPublisher` + `Session` (no gateway process, no broker
+//! process): a broker outage, retriable produce errors, delivery timeouts and added round-trip
+//! time. Fast and deterministic enough to run in the normal `cargo test`; the real-broker
+//! outage tests are in `faults.rs`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use gateway::metrics::{DropReason, Metrics};
+use gateway::protocol::parse;
+use gateway::session::{Flow, Received, Session, SessionConfig};
+use gateway::sink::{ConnectionPublisher, OverflowPolicy, Sink, SinkConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// The mock clusters are cheap, but the timing assertions are not shared-CPU friendly: one at a
+/// time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const ACCOUNT: &str = "AC00000000000000000000000000000077";
+const PREFIX: &str = "mock";
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn topics() -> [String; 3] {
+    [
+        format!("{PREFIX}.audio.inbound"),
+        format!("{PREFIX}.audio.outbound"),
+        format!("{PREFIX}.events"),
+    ]
+}
+
+/// A mock cluster with one broker (id 1) and the three topics.
+fn cluster(partitions: i32) -> MockCluster<'static, DefaultProducerContext> {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    for t in topics() {
+        mock.create_topic(&t, partitions, 1).expect("create topic");
+    }
+    mock
+}
+
+/// The sink under test, polled every 2 ms on its own thread (what `sink::drive` does in the
+/// gateway).
+struct Harness {
+    sink: Sink,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    poller: Option<JoinHandle<()>>,
+}
+
+impl Harness {
+    fn new(brokers: &str, options: &[(&str, &str)]) -> Harness {
+        let cfg = SinkConfig {
+            brokers: brokers.to_owned(),
+            topic_prefix: PREFIX.to_owned(),
+            gateway_id: "gw-mock".to_owned(),
+            max_inflight_bytes: 64 << 20,
+            frames_per_record: 1,
+            overflow: OverflowPolicy::DropNewest,
+            kafka_options: options
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            create_topics: false,
+            topic_partitions: 1,
+            topic_replication: 1,
+        };
+        let metrics = Metrics::new("gw-mock");
+        let sink = Sink::new(&cfg, metrics.clone()).expect("sink");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, stop2) = (sink.clone(), stop.clone());
+        let poller = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                s2.poll();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Harness {
+            sink,
+            metrics,
+            stop,
+            poller: Some(poller),
+        }
+    }
+
+    /// Waits until every audio record and event got a delivery report (success or failure).
+    fn wait_settled(&self, audio: u64, events: u64, timeout: Duration) {
+        let m = &self.metrics;
+        let start = Instant::now();
+        loop {
+            let frames = m.frames.delivered.get() + m.dropped(DropReason::DeliveryFailed);
+            let evs = m.events_delivered.get() + m.events_failed.get();
+            if frames >= audio && evs >= events {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "not settled after {timeout:?}: frames {frames}/{audio}, events {evs}/{events}\n{}",
+                String::from_utf8_lossy(&m.render())
+                    .lines()
+                    .filter(|l| l.starts_with("gateway_frames") || l.starts_with("gateway_events") || l.starts_with("gateway_inflight_bytes") || l.starts_with("gateway_kafka_queue_messages"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        let text = String::from_utf8(self.metrics.render()).unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|r| r.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(p) = self.poller.take() {
+            let _ = p.join();
+        }
+        // Failed tests may leave records queued: do not wait for them.
+        let _ = self.sink.flush(Duration::from_millis(100));
+    }
+}
+
+fn sid(prefix: &str, n: u64) -> String {
+    format!("{prefix}{n:032x}")
+}
+
+fn now() -> Received {
+    Received {
+        unix_us: gateway::unix_micros(),
+        mono_us: gateway::mono_micros(),
+    }
+}
+
+/// μ-law chunk `k` of a stream: 160 distinct-looking bytes.
+fn chunk(stream: u64, k: u64) -> Vec<u8> {
+    (0..160u64)
+        .map(|i| (i.wrapping_mul(13) ^ k.wrapping_mul(7) ^ stream) as u8)
+        .collect()
+}
+
+fn ulaw_to_pcm(ulaw: &[u8]) -> Vec<u8> {
+    ulaw.iter()
+        .flat_map(|&c| {
+            let u = !c;
+            let mag = ((((u & 0x0F) as i32) << 3) + 0x84) << ((u >> 4) & 7);
+            let s = if u & 0x80 != 0 {
+                0x84 - mag
+            } else {
+                mag - 0x84
+            };
+            (s as i16).to_le_bytes()
+        })
+        .collect()
+}
+
+/// One stream fed through the real session and connection publisher.
+struct Stream {
+    n: u64,
+    stream_sid: String,
+    call_sid: String,
+    session: Session,
+    publisher: ConnectionPublisher,
+    seq: u64,
+    sent: u64,
+}
+
+impl Stream {
+    fn start(sink: &Sink, n: u64) -> Stream {
+        let mut s = Stream {
+            n,
+            stream_sid: sid("MZ", n),
+            call_sid: sid("CA", n),
+            session: Session::new(SessionConfig::default()),
+            publisher: ConnectionPublisher::new(sink.clone()),
+            seq: 1,
+            sent: 0,
+        };
+        let msg = format!(
+            r#"{{"event":"start","sequenceNumber":"1","start":{{"accountSid":"{ACCOUNT}","streamSid":"{}","callSid":"{}","tracks":["inbound"],"customParameters":{{}},"mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}},"streamSid":"{}"}}"#,
+            s.stream_sid, s.call_sid, s.stream_sid
+        );
+        assert_eq!(s.feed(&msg), Flow::Continue);
+        s
+    }
+
+    fn feed(&mut self, msg: &str) -> Flow {
+        let mut buf = msg.as_bytes().to_vec();
+        let parsed = parse(&mut buf).expect("valid message");
+        self.session
+            .handle(&parsed.message, now(), &mut self.publisher)
+            .expect("accepted")
+    }
+
+    fn media(&mut self) {
+        self.seq += 1;
+        self.sent += 1;
+        let k = self.sent;
+        let msg = format!(
+            r#"{{"event":"media","sequenceNumber":"{}","media":{{"track":"inbound","chunk":"{k}","timestamp":"{}","payload":"{}"}},"streamSid":"{}"}}"#,
+            self.seq,
+            (k - 1) * 20,
+            base64_simd::STANDARD.encode_to_string(chunk(self.n, k)),
+            self.stream_sid
+        );
+        assert_eq!(self.feed(&msg), Flow::Continue);
+    }
+
+    fn stop(&mut self) {
+        self.seq += 1;
+        let msg = format!(
+            r#"{{"event":"stop","sequenceNumber":"{}","stop":{{"accountSid":"{ACCOUNT}","callSid":"{}"}},"streamSid":"{}"}}"#,
+            self.seq, self.call_sid, self.stream_sid
+        );
+        assert_eq!(self.feed(&msg), Flow::Stopped);
+    }
+}
+
+struct Consumed {
+    topic: String,
+    key: Option<String>,
+    value: Vec<u8>,
+    chunk: Option<u64>,
+}
+
+/// Reads every partition of `topics` from the beginning until `want` records or `timeout`.
+fn consume(brokers: &str, topics: &[String], want: usize, timeout: Duration) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "mock-tests-unused")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        let md = consumer
+            .fetch_metadata(Some(t), Duration::from_secs(10))
+            .expect("metadata");
+        for p in 0..md.topics()[0].partitions().len() as i32 {
+            tpl.add_partition_offset(t, p, Offset::Beginning).unwrap();
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let start = Instant::now();
+    while out.len() < want && start.elapsed() < timeout {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let chunk = m.headers().and_then(|hs| {
+                hs.iter()
+                    .find(|h| h.key == "chunk")
+                    .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+            });
+            out.push(Consumed {
+                topic: m.topic().to_owned(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: m.payload().unwrap_or_default().to_vec(),
+                chunk,
+            });
+        }
+    }
+    // A little longer: anything beyond `want` is a duplicate.
+    let extra = Instant::now();
+    while extra.elapsed() < Duration::from_millis(500) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            out.push(Consumed {
+                topic: m.topic().to_owned(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: m.payload().unwrap_or_default().to_vec(),
+                chunk: None,
+            });
+        }
+    }
+    out
+}
+
+/// Every stream's chunks arrived exactly once, in order, bit-exact.
+fn assert_exactly_once_in_order(recs: &[Consumed], streams: &[Stream]) {
+    let audio: Vec<&Consumed> = recs
+        .iter()
+        .filter(|r| r.topic.contains(".audio."))
+        .collect();
+    let total: u64 = streams.iter().map(|s| s.sent).sum();
+    assert_eq!(
+        audio.len() as u64,
+        total,
+        "audio records (loss or duplicates)"
+    );
+    for s in streams {
+        let mine: Vec<&&Consumed> = audio
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(s.stream_sid.as_str()))
+            .collect();
+        assert_eq!(mine.len() as u64, s.sent, "{}", s.stream_sid);
+        for (i, r) in mine.iter().enumerate() {
+            let k = i as u64 + 1;
+            assert_eq!(r.chunk, Some(k), "{} order", s.stream_sid);
+            assert_eq!(
+                r.value,
+                ulaw_to_pcm(&chunk(s.n, k)),
+                "{} chunk {k}",
+                s.stream_sid
+            );
+        }
+    }
+}
+
+fn event_types(recs: &[Consumed]) -> Vec<String> {
+    recs.iter()
+        .filter(|r| r.topic.ends_with(".events"))
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+            v["type"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+fn wait_gauge_zero(h: &Harness, timeout: Duration) {
+    let start = Instant::now();
+    while h.metrics.inflight_bytes.get() != 0 && start.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        h.metrics.inflight_bytes.get(),
+        0,
+        "in-flight gauge back to 0"
+    );
+}
+
+#[test]
+fn broker_down_then_up_delivers_everything_exactly_once_in_order() {
+    let _g = serial();
+    let mock = cluster(1);
+    let brokers = mock.bootstrap_servers();
+    let h = Harness::new(&brokers, &[]);
+    let mut streams: Vec<Stream> = (0..4).map(|i| Stream::start(&h.sink, 100 + i)).collect();
+    // Some audio while the broker is up.
+    for _ in 0..20 {
+        for s in streams.iter_mut() {
+            s.media();
+        }
+    }
+    h.wait_settled(80, 4, Duration::from_secs(10));
+    mock.broker_down(1).unwrap();
+    // Three seconds of real-time audio (4 streams × 50 chunks/s) into a dead broker.
+    let t0 = Instant::now();
+    for _ in 0..150 {
+        for s in streams.iter_mut() {
+            s.media();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(t0.elapsed() >= Duration::from_secs(3));
+    assert!(
+        h.metrics.inflight_bytes.get() > 0,
+        "audio is held while the broker is down"
+    );
+    assert!(
+        h.metrics.frames.delivered.get() < 4 * 170,
+        "nothing acked while down"
+    );
+    mock.broker_up(1).unwrap();
+    for s in streams.iter_mut() {
+        for _ in 0..10 {
+            s.media();
+        }
+        s.stop();
+    }
+    let total: u64 = streams.iter().map(|s| s.sent).sum();
+    assert_eq!(total, 4 * 180);
+    h.wait_settled(total, 8, Duration::from_secs(60));
+    assert_eq!(h.metrics.frames.delivered.get(), total);
+    assert_eq!(h.metrics.dropped(DropReason::DeliveryFailed), 0);
+    assert_eq!(h.metrics.events_failed.get(), 0);
+    wait_gauge_zero(&h, Duration::from_secs(5));
+    let recs = consume(
+        &brokers,
+        &topics(),
+        total as usize + 8,
+        Duration::from_secs(30),
+    );
+    assert_exactly_once_in_order(&recs, &streams);
+    let evs = event_types(&recs);
+    assert_eq!(evs.iter().filter(|t| *t == "start").count(), 4);
+    assert_eq!(evs.iter().filter(|t| *t == "stop").count(), 4);
+    assert_eq!(evs.len(), 8);
+    for s in &streams {
+        assert_eq!(s.session.frames_published(), 180);
+        assert_eq!(s.session.frames_dropped(), 0);
+    }
+}
+
+#[test]
+fn retriable_produce_errors_still_deliver_exactly_once() {
+    let _g = serial();
+    let mock = cluster(1);
+    let brokers = mock.bootstrap_servers();
+    let h = Harness::new(&brokers, &[]);
+    let mut streams: Vec<Stream> = (0..3).map(|i| Stream::start(&h.sink, 200 + i)).collect();
+    h.wait_settled(0, 3, Duration::from_secs(10));
+    // The next produce requests fail with retriable errors, several times over.
+    use RDKafkaRespErr::*;
+    let errs = [
+        RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+        RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+        RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+    ];
+    mock.request_errors(RDKafkaApiKey::Produce, &errs);
+    for round in 0..100 {
+        for s in streams.iter_mut() {
+            s.media();
+        }
+        if round == 50 {
+            // A second burst in the middle of the stream.
+            mock.request_errors(RDKafkaApiKey::Produce, &errs);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for s in streams.iter_mut() {
+        s.stop();
+    }
+    h.wait_settled(300, 6, Duration::from_secs(60));
+    assert_eq!(h.metrics.frames.delivered.get(), 300);
+    assert_eq!(h.metrics.dropped(DropReason::DeliveryFailed), 0);
+    wait_gauge_zero(&h, Duration::from_secs(5));
+    let recs = consume(&brokers, &topics(), 306, Duration::from_secs(30));
+    assert_exactly_once_in_order(&recs, &streams);
+    assert_eq!(event_types(&recs).len(), 6, "events exactly once");
+}
+
+#[test]
+fn delivery_timeout_with_broker_down_counts_exactly_the_lost_frames() {
+    let _g = serial();
+    let mock = cluster(1);
+    let brokers = mock.bootstrap_servers();
+    let h = Harness::new(&brokers, &[("message.timeout.ms", "2000")]);
+    let mut s = Stream::start(&h.sink, 300);
+    for _ in 0..30 {
+        s.media();
+    }
+    h.wait_settled(30, 1, Duration::from_secs(10));
+    assert_eq!(h.metrics.frames.delivered.get(), 30);
+    mock.broker_down(1).unwrap();
+    // 40 chunks into the dead broker: every one times out after 2 s.
+    for _ in 0..40 {
+        s.media();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    h.wait_settled(70, 1, Duration::from_secs(20));
+    assert_eq!(h.metrics.frames.delivered.get(), 30);
+    assert_eq!(
+        h.metric("gateway_frames_failed_total{error=\"MessageTimedOut\"}"),
+        40.0
+    );
+    assert_eq!(h.metrics.dropped(DropReason::DeliveryFailed), 40);
+    assert_eq!(
+        h.metric("gateway_frames_dropped_total{reason=\"delivery_failed\"}"),
+        40.0
+    );
+    // Handed to the producer: the session counted them as published, not dropped.
+    assert_eq!(s.session.frames_published(), 70);
+    assert_eq!(s.session.frames_dropped(), 0);
+    wait_gauge_zero(&h, Duration::from_secs(5));
+    // Back up: new audio flows again and only the timed-out chunks are missing.
+    mock.broker_up(1).unwrap();
+    for _ in 0..10 {
+        s.media();
+    }
+    s.stop();
+    h.wait_settled(80, 2, Duration::from_secs(30));
+    assert_eq!(h.metrics.frames.delivered.get(), 40);
+    let recs = consume(&brokers, &topics()[..1], 40, Duration::from_secs(30));
+    let chunks: Vec<u64> = recs.iter().filter_map(|r| r.chunk).collect();
+    let want: Vec<u64> = (1..=30).chain(71..=80).collect();
+    assert_eq!(chunks, want, "exactly the timed-out chunks are missing");
+    assert_eq!(
+        h.metric("gateway_frames_dropped_total{reason=\"delivery_failed\"}"),
+        40.0
+    );
+}
+
+#[test]
+fn non_retriable_produce_error_counts_the_failed_frames() {
+    let _g = serial();
+    let mock = cluster(1);
+    let brokers = mock.bootstrap_servers();
+    let h = Harness::new(&brokers, &[]);
+    let mut s = Stream::start(&h.sink, 400);
+    h.wait_settled(0, 1, Duration::from_secs(10));
+    // One produce request refused for good. linger.ms=5 and one message every 50 ms: one record
+    // per request, so exactly one frame fails.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    for _ in 0..10 {
+        s.media();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.stop();
+    h.wait_settled(10, 2, Duration::from_secs(30));
+    let failed = h.metric("gateway_frames_failed_total{error=\"TopicAuthorizationFailed\"}");
+    assert_eq!(
+        failed,
+        1.0,
+        "{}",
+        String::from_utf8_lossy(&h.metrics.render())
+    );
+    assert_eq!(h.metrics.dropped(DropReason::DeliveryFailed), 1);
+    assert_eq!(h.metrics.frames.delivered.get(), 9);
+    wait_gauge_zero(&h, Duration::from_secs(5));
+    let recs = consume(&brokers, &topics()[..1], 9, Duration::from_secs(30));
+    let chunks: Vec<u64> = recs.iter().filter_map(|r| r.chunk).collect();
+    assert_eq!(
+        chunks,
+        (2..=10).collect::<Vec<u64>>(),
+        "only chunk 1 is lost"
+    );
+}
+
+#[test]
+fn added_round_trip_time_shows_in_the_delivery_latency_histogram() {
+    let _g = serial();
+    let mock = cluster(1);
+    let brokers = mock.bootstrap_servers();
+    let h = Harness::new(&brokers, &[]);
+    let mut s = Stream::start(&h.sink, 500);
+    h.wait_settled(0, 1, Duration::from_secs(10));
+    let rtt = Duration::from_millis(300);
+    mock.broker_round_trip_time(1, rtt).unwrap();
+    for _ in 0..20 {
+        s.media();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.stop();
+    h.wait_settled(20, 2, Duration::from_secs(30));
+    let lat = &h.metrics.delivery_latency;
+    assert_eq!(lat.get_sample_count(), 20);
+    let mean = lat.get_sample_sum() / lat.get_sample_count() as f64;
+    assert!(
+        mean >= rtt.as_secs_f64(),
+        "mean delivery latency {mean}s below the added RTT {rtt:?}"
+    );
+    assert!(mean < 5.0, "mean delivery latency {mean}s");
+    // The receive-to-ack histogram includes it too.
+    let r2a = &h.metrics.receive_to_ack;
+    assert!(r2a.get_sample_sum() / r2a.get_sample_count() as f64 >= rtt.as_secs_f64());
+    // And the rendered text agrees with the handles.
+    let text = String::from_utf8(h.metrics.render()).unwrap();
+    assert!(text.contains("gateway_kafka_delivery_latency_seconds_count 20"));
+}
