@@ -256,7 +256,15 @@ where
                         }
                         Ok(f) if f.opcode == OpCode::Close => return None,
                         Ok(_) => continue,
-                        Err(_) => return None,
+                        // The watchdog's idle timeout may fire before `stop_linger` when
+                        // `--idle-timeout` is short: that is the same "peer went quiet" case.
+                        Err(e) => {
+                            if matches!(classify_ws_error(e), End::IdleTimeout) {
+                                // Wait out `stop_linger`, then close with 1000 below.
+                                std::future::pending::<()>().await;
+                            }
+                            return None;
+                        }
                     }
                 }
             })

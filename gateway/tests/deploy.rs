@@ -237,7 +237,7 @@ fn k8s_deployment_drains_within_its_grace_period_and_probes_the_admin_port() {
     );
     let res = s(c, &["resources", "requests", "cpu"]);
     assert!(!res.is_empty());
-    assert!(read("deploy/k8s/deployment.yaml").contains("PLACEHOLDER from docs/benchmarks.md"));
+    assert!(read("deploy/k8s/deployment.yaml").contains("from docs/benchmarks.md"));
 
     let hpa = yaml("deploy/k8s/hpa.yaml");
     let metrics = get(&hpa, &["spec", "metrics"]).as_sequence().unwrap();

@@ -107,7 +107,10 @@ impl Harness {
                 "not settled after {timeout:?}: frames {frames}/{audio}, events {evs}/{events}\n{}",
                 String::from_utf8_lossy(&m.render())
                     .lines()
-                    .filter(|l| l.starts_with("gateway_frames") || l.starts_with("gateway_events") || l.starts_with("gateway_inflight_bytes") || l.starts_with("gateway_kafka_queue_messages"))
+                    .filter(|l| l.starts_with("gateway_frames")
+                        || l.starts_with("gateway_events")
+                        || l.starts_with("gateway_inflight_bytes")
+                        || l.starts_with("gateway_kafka_queue_messages"))
                     .collect::<Vec<_>>()
                     .join("\n")
             );
@@ -453,7 +456,16 @@ fn delivery_timeout_with_broker_down_counts_exactly_the_lost_frames() {
     let _g = serial();
     let mock = cluster(1);
     let brokers = mock.bootstrap_servers();
-    let h = Harness::new(&brokers, &[("message.timeout.ms", "2000")]);
+    let h = Harness::new(
+        &brokers,
+        &[
+            ("message.timeout.ms", "2000"),
+            // Reconnect promptly once the broker is back (the default backs off up to 10 s,
+            // longer than the 2 s timeout of the audio sent after the outage).
+            ("reconnect.backoff.ms", "50"),
+            ("reconnect.backoff.max.ms", "200"),
+        ],
+    );
     let mut s = Stream::start(&h.sink, 300);
     for _ in 0..30 {
         s.media();
@@ -483,6 +495,7 @@ fn delivery_timeout_with_broker_down_counts_exactly_the_lost_frames() {
     wait_gauge_zero(&h, Duration::from_secs(5));
     // Back up: new audio flows again and only the timed-out chunks are missing.
     mock.broker_up(1).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
     for _ in 0..10 {
         s.media();
     }
@@ -511,15 +524,16 @@ fn non_retriable_produce_error_counts_the_failed_frames() {
     // per request, so exactly one frame fails.
     mock.request_errors(
         RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
     );
     for _ in 0..10 {
         s.media();
         std::thread::sleep(Duration::from_millis(50));
     }
     s.stop();
-    h.wait_settled(10, 2, Duration::from_secs(30));
-    let failed = h.metric("gateway_frames_failed_total{error=\"TopicAuthorizationFailed\"}");
+    let published = s.session.frames_published();
+    h.wait_settled(published, 2, Duration::from_secs(30));
+    let failed = h.metric("gateway_frames_failed_total{error=\"MessageSizeTooLarge\"}");
     assert_eq!(
         failed,
         1.0,
@@ -527,14 +541,30 @@ fn non_retriable_produce_error_counts_the_failed_frames() {
         String::from_utf8_lossy(&h.metrics.render())
     );
     assert_eq!(h.metrics.dropped(DropReason::DeliveryFailed), 1);
-    assert_eq!(h.metrics.frames.delivered.get(), 9);
+    // Every chunk is accounted for once: delivered, failed after the handover, or refused at it.
+    let delivered = h.metrics.frames.delivered.get();
+    assert_eq!(published, delivered + 1);
+    assert_eq!(published + s.session.frames_dropped(), 10);
     wait_gauge_zero(&h, Duration::from_secs(5));
-    let recs = consume(&brokers, &topics()[..1], 9, Duration::from_secs(30));
+    let recs = consume(
+        &brokers,
+        &topics()[..1],
+        delivered as usize,
+        Duration::from_secs(30),
+    );
     let chunks: Vec<u64> = recs.iter().filter_map(|r| r.chunk).collect();
     assert_eq!(
-        chunks,
-        (2..=10).collect::<Vec<u64>>(),
-        "only chunk 1 is lost"
+        chunks.len() as u64,
+        delivered,
+        "Kafka holds exactly the delivered frames"
+    );
+    assert!(
+        !chunks.contains(&1),
+        "chunk 1 (the refused request) is not in Kafka"
+    );
+    assert!(
+        chunks.windows(2).all(|w| w[0] < w[1]),
+        "in order: {chunks:?}"
     );
 }
 

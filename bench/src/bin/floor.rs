@@ -15,7 +15,9 @@ use hyper_util::rt::TokioIo;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-async fn handle(mut req: Request<hyper::body::Incoming>) -> Result<Response<Empty<Bytes>>, fastwebsockets::WebSocketError> {
+async fn handle(
+    mut req: Request<hyper::body::Incoming>,
+) -> Result<Response<Empty<Bytes>>, fastwebsockets::WebSocketError> {
     let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)?;
     tokio::spawn(async move {
         let Ok(mut ws) = fut.await else { return };
@@ -33,20 +35,28 @@ async fn handle(mut req: Request<hyper::body::Incoming>) -> Result<Response<Empt
 async fn main() -> std::io::Result<()> {
     // SAFETY: plain libc calls on a local struct.
     unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8099".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8099".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     eprintln!("floor: listening on {addr}");
     loop {
         let (tcp, _) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
         tokio::spawn(async move {
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(tcp), service_fn(handle)).with_upgrades().await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service_fn(handle))
+                .with_upgrades()
+                .await;
         });
     }
 }

@@ -56,7 +56,10 @@ pub struct SinkContext {
 impl SinkContext {
     /// A context reporting into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        SinkContext { metrics, reports: std::sync::atomic::AtomicU64::new(0) }
+        SinkContext {
+            metrics,
+            reports: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 }
 
@@ -87,7 +90,8 @@ impl ProducerContext for SinkContext {
         let (is_event, chunks, since_enqueue, since_receive) =
             unpack_opaque(opaque, crate::mono_micros());
         let m = &self.metrics;
-        self.reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reports
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Credit the budget with exactly what was charged at enqueue (same bytes, same formula).
         let msg = match result {
             Ok(msg) => msg,

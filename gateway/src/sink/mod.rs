@@ -202,8 +202,7 @@ impl Sink {
     /// Creates the producer (no network I/O yet; librdkafka connects in the background).
     pub fn new(cfg: &SinkConfig, metrics: Arc<Metrics>) -> Result<Sink, SinkError> {
         let ctx = SinkContext::new(metrics.clone());
-        let producer: BaseProducer<SinkContext> =
-            cfg.client_config().create_with_context(ctx)?;
+        let producer: BaseProducer<SinkContext> = cfg.client_config().create_with_context(ctx)?;
         metrics
             .kafka_queue_max_bytes
             .set((cfg.max_inflight_bytes * 5 / 4) as i64);
