@@ -59,13 +59,22 @@ struct Harness {
 
 impl Harness {
     fn new(brokers: &str, options: &[(&str, &str)]) -> Harness {
+        Harness::with_budget(brokers, options, 64 << 20, OverflowPolicy::DropNewest)
+    }
+
+    fn with_budget(
+        brokers: &str,
+        options: &[(&str, &str)],
+        budget: u64,
+        overflow: OverflowPolicy,
+    ) -> Harness {
         let cfg = SinkConfig {
             brokers: brokers.to_owned(),
             topic_prefix: PREFIX.to_owned(),
             gateway_id: "gw-mock".to_owned(),
-            max_inflight_bytes: 64 << 20,
+            max_inflight_bytes: budget,
             frames_per_record: 1,
-            overflow: OverflowPolicy::DropNewest,
+            overflow,
             kafka_options: options
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -598,4 +607,112 @@ fn added_round_trip_time_shows_in_the_delivery_latency_histogram() {
     // And the rendered text agrees with the handles.
     let text = String::from_utf8(h.metrics.render()).unwrap();
     assert!(text.contains("gateway_kafka_delivery_latency_seconds_count 20"));
+}
+
+/// Feeds chunks while the broker is down until the budget (64 records' worth) is exceeded.
+fn fill_past_budget(h: &Harness, s: &mut Stream, n: u64) {
+    for _ in 0..n {
+        s.media();
+    }
+    assert!(
+        h.metrics.dropped(DropReason::QueueFull) > 0,
+        "budget never filled"
+    );
+}
+
+#[test]
+fn drop_oldest_purges_queued_audio_and_accounts_every_frame() {
+    let _g = serial();
+    let mock = cluster(1);
+    let brokers = mock.bootstrap_servers();
+    // One audio record costs key 34 + PCM 320 + 512 overhead = 866 bytes.
+    let budget = 866 * 64;
+    let h = Harness::with_budget(
+        &brokers,
+        &[
+            ("reconnect.backoff.ms", "50"),
+            ("reconnect.backoff.max.ms", "200"),
+        ],
+        budget,
+        OverflowPolicy::DropOldest,
+    );
+    h.sink.set_readiness_watermark(0.5);
+    mock.broker_down(1).unwrap();
+    let mut s = Stream::start(&h.sink, 400);
+    fill_past_budget(&h, &mut s, 200);
+    // The purge hands every queued record back as "evicted".
+    let start = Instant::now();
+    while h.metrics.dropped(DropReason::Evicted) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "nothing evicted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    mock.broker_up(1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..20 {
+        s.media();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.stop();
+    let sent = s.sent;
+    let settled = || {
+        let m = &h.metrics;
+        m.frames.delivered.get()
+            + m.dropped(DropReason::QueueFull)
+            + m.dropped(DropReason::Evicted)
+            + m.dropped(DropReason::DeliveryFailed)
+    };
+    let start = Instant::now();
+    while settled() < sent {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not settled: {} of {sent}",
+            settled()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        settled(),
+        sent,
+        "every frame delivered or dropped with a reason"
+    );
+    assert_eq!(h.metrics.dropped(DropReason::DeliveryFailed), 0);
+    wait_gauge_zero(&h, Duration::from_secs(5));
+    assert!(!h.sink.over_watermark());
+    // Fresh audio after the outage made it: the stream's last chunks are in Kafka.
+    let delivered = h.metrics.frames.delivered.get() as usize;
+    let recs = consume(&brokers, &topics()[..1], delivered, Duration::from_secs(30));
+    assert_eq!(recs.len(), delivered);
+    assert_eq!(recs.last().and_then(|r| r.chunk), Some(sent));
+}
+
+#[test]
+fn disconnect_policy_asks_the_connection_to_close_and_counts_the_drop() {
+    let _g = serial();
+    let mock = cluster(1);
+    let brokers = mock.bootstrap_servers();
+    let budget = 866 * 32;
+    let h = Harness::with_budget(&brokers, &[], budget, OverflowPolicy::Disconnect);
+    h.sink.set_readiness_watermark(0.5);
+    mock.broker_down(1).unwrap();
+    let mut s = Stream::start(&h.sink, 500);
+    assert!(!s.publisher.backpressure_close());
+    let mut fed = 0;
+    while !s.publisher.backpressure_close() {
+        s.media();
+        fed += 1;
+        assert!(fed < 1000, "budget never filled");
+    }
+    // The readiness watermark (half the budget) was crossed before the budget itself.
+    assert!(h.sink.over_watermark());
+    assert!(h.sink.inflight_bytes() <= budget);
+    assert_eq!(h.metrics.dropped(DropReason::QueueFull), 1);
+    assert_eq!(
+        s.session.frames_published() + s.session.frames_dropped(),
+        s.sent
+    );
+    assert_eq!(s.session.frames_dropped(), 1);
+    mock.broker_up(1).unwrap();
+    h.wait_settled(s.sent - 1, 1, Duration::from_secs(30));
+    wait_gauge_zero(&h, Duration::from_secs(5));
+    assert!(!h.sink.over_watermark());
 }

@@ -75,24 +75,34 @@ fn check_prefix(recs: &[Record], stream_sid: &str, n: u64, audio: &[u8]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_live_streams_without_loss() {
+async fn sigterm_drains_200_live_streams_without_loss() {
     let mut gw = Gateway::start("drain", &["--drain-timeout", "30s"]);
     let audio = speech();
-    let sids: Vec<String> = (0..10).map(|i| sid("MZ", 500 + i)).collect();
+    let n = 200usize;
+    let sids: Vec<String> = (0..n as u64).map(|i| sid("MZ", 500 + i)).collect();
     let handles: Vec<_> = sids
         .iter()
         .map(|s| {
             tokio::spawn(stream(
                 gw.port,
                 s.clone(),
-                100,
+                150,
                 Duration::from_millis(20),
                 audio.clone(),
                 true,
             ))
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // SIGTERM once every stream is live and streaming.
+    let start = std::time::Instant::now();
+    while gw.metric("gateway_open_streams") < n as f64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "streams did not open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     gw.sigterm();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // No new streams while draining.
@@ -101,7 +111,7 @@ async fn sigterm_drains_live_streams_without_loss() {
         "new stream accepted while draining"
     );
     for h in handles {
-        assert_eq!(h.await.unwrap(), 100);
+        assert_eq!(h.await.unwrap(), 150);
     }
     let code = tokio::task::spawn_blocking(move || {
         let c = gw.wait_exit(Duration::from_secs(30));
@@ -114,14 +124,14 @@ async fn sigterm_drains_live_streams_without_loss() {
     let (brokers, tps) = (gw.brokers.clone(), topics(&gw));
     let recs = tokio::task::spawn_blocking(move || {
         consume_until(&brokers, &tps, Duration::from_secs(30), |r| {
-            r.iter().filter(|x| x.topic.contains(".audio.")).count() >= 1000
-                && r.iter().filter(|x| x.topic.ends_with(".events")).count() >= 20
+            r.iter().filter(|x| x.topic.contains(".audio.")).count() >= n * 150
+                && r.iter().filter(|x| x.topic.ends_with(".events")).count() >= n * 2
         })
     })
     .await
     .unwrap();
     for s in &sids {
-        check_prefix(&recs, s, 100, &audio);
+        check_prefix(&recs, s, 150, &audio);
     }
 }
 
