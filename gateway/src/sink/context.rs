@@ -1,4 +1,5 @@
-//! librdkafka callbacks: delivery reports and statistics, run on the producer's poll thread.
+//! librdkafka callbacks: delivery reports and statistics, run inside `Sink::poll` (the tokio
+//! task `sink::drive` calls it every 2 ms).
 //!
 //! Each record carries a `usize` opaque (no allocation) packing what the delivery report needs:
 //! whether it is an event, how many chunks it holds, and when it was received and enqueued.
