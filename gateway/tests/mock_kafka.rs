@@ -625,8 +625,8 @@ fn drop_oldest_purges_queued_audio_and_accounts_every_frame() {
     let _g = serial();
     let mock = cluster(1);
     let brokers = mock.bootstrap_servers();
-    // One audio record costs key 34 + PCM 320 + 512 overhead = 866 bytes.
-    let budget = 866 * 64;
+    // One audio record costs key 34 + PCM 320 + RECORD_OVERHEAD.
+    let budget = (354 + gateway::sink::RECORD_OVERHEAD) * 64;
     let h = Harness::with_budget(
         &brokers,
         &[
@@ -690,7 +690,7 @@ fn disconnect_policy_asks_the_connection_to_close_and_counts_the_drop() {
     let _g = serial();
     let mock = cluster(1);
     let brokers = mock.bootstrap_servers();
-    let budget = 866 * 32;
+    let budget = (354 + gateway::sink::RECORD_OVERHEAD) * 32;
     let h = Harness::with_budget(&brokers, &[], budget, OverflowPolicy::Disconnect);
     h.sink.set_readiness_watermark(0.5);
     mock.broker_down(1).unwrap();

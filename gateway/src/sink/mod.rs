@@ -132,11 +132,14 @@ impl SinkConfig {
     }
 }
 
-/// Fixed per-record charge on top of key and value: librdkafka's message struct (~200 bytes per
-/// the engineering notes) plus an audio record's 12–13 headers (~250 bytes of names, values and
-/// list entries). A constant keeps the charge computable from key and value alone on both sides
-/// (enqueue and delivery report) without walking the headers again.
-pub const RECORD_OVERHEAD: u64 = 512;
+/// Fixed per-record charge on top of key and value: librdkafka's message struct, the 12–13
+/// separately allocated headers, the copy in the produce request being built, and allocator
+/// slack. Calibrated by measurement: with the broker falling behind, 309,041 queued audio
+/// records (354 bytes of key + value each) grew the gateway's RSS by ~665 MB, i.e. ~2.15 KB per
+/// record (docs/benchmarks.md), so key + value + 1,792 ≈ what a queued record really costs. A
+/// constant keeps the charge computable from key and value alone on both sides (enqueue and
+/// delivery report) without walking the headers again.
+pub const RECORD_OVERHEAD: u64 = 1792;
 
 /// Budget charge of one record; the delivery report recomputes it from the same key and value.
 pub fn record_cost(key_len: usize, value_len: usize) -> u64 {
