@@ -206,6 +206,22 @@ impl Publisher for NoKafka {
     }
 }
 
+/// The timed part: parse each message in place and hand it to the session.
+fn feed_all<P: Publisher>(
+    (mut s, mut bufs): (Session, Vec<Vec<u8>>),
+    out: &mut P,
+) -> (Session, Vec<Vec<u8>>) {
+    let at = Received {
+        unix_us: 1,
+        mono_us: 1,
+    };
+    for m in bufs.iter_mut() {
+        let parsed = parse(m).unwrap();
+        s.handle(&parsed.message, at, out).unwrap();
+    }
+    (s, bufs)
+}
+
 fn whole_path(c: &mut Criterion) {
     let msgs = media_messages(SID);
     let mut g = c.benchmark_group("whole_hot_path_per_media_message");
@@ -223,42 +239,14 @@ fn whole_path(c: &mut Criterion) {
     g.bench_function("parse_decode_session_build_record", |b| {
         b.iter_batched(
             setup,
-            |(mut s, mut bufs)| {
-                for m in bufs.iter_mut() {
-                    let parsed = parse(m).unwrap();
-                    s.handle(
-                        &parsed.message,
-                        Received {
-                            unix_us: 1,
-                            mono_us: 1,
-                        },
-                        &mut BuildOnly,
-                    )
-                    .unwrap();
-                }
-                (s, bufs)
-            },
+            |state| feed_all(state, &mut BuildOnly),
             BatchSize::SmallInput,
         )
     });
     g.bench_function("parse_decode_session_no_kafka_objects", |b| {
         b.iter_batched(
             setup,
-            |(mut s, mut bufs)| {
-                for m in bufs.iter_mut() {
-                    let parsed = parse(m).unwrap();
-                    s.handle(
-                        &parsed.message,
-                        Received {
-                            unix_us: 1,
-                            mono_us: 1,
-                        },
-                        &mut NoKafka,
-                    )
-                    .unwrap();
-                }
-                (s, bufs)
-            },
+            |state| feed_all(state, &mut NoKafka),
             BatchSize::SmallInput,
         )
     });

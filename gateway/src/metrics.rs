@@ -158,7 +158,6 @@ pub struct Metrics {
     /// `gateway_open_connections`: WebSocket connections, including ones that never sent `start`.
     pub open_connections: IntGauge,
     streams_total: IntCounterVec,
-    messages: IntCounterVec,
     /// Per-event message counters in [`MESSAGE_EVENTS`] order.
     pub messages_by_event: Vec<IntCounter>,
     /// Frame counters used on the hot path.
@@ -323,7 +322,6 @@ impl Metrics {
                 "outcome",
                 STREAM_OUTCOMES,
             ),
-            messages,
             messages_by_event,
             frames: FrameCounters {
                 published: counter(
@@ -505,15 +503,6 @@ impl Metrics {
         self.http_rejections.with_label_values(&[reason]).inc();
     }
 
-    /// Index of a message event label in [`MESSAGE_EVENTS`].
-    pub fn message_counter(&self, event: &'static str) -> &IntCounter {
-        let i = MESSAGE_EVENTS
-            .iter()
-            .position(|e| *e == event)
-            .unwrap_or(MESSAGE_EVENTS.len() - 1);
-        &self.messages_by_event[i]
-    }
-
     /// Prometheus text exposition of everything.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
@@ -526,10 +515,5 @@ impl Metrics {
         self.frames_dropped
             .with_label_values(&[reason.as_str()])
             .get()
-    }
-
-    /// Current value of the `messages_received` counter for `event`.
-    pub fn messages_received(&self, event: &str) -> u64 {
-        self.messages.with_label_values(&[event]).get()
     }
 }

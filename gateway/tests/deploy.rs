@@ -9,8 +9,7 @@
 mod support;
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -454,28 +453,9 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-/// HTTP/1.0 GET (no chunked encoding in the answer); returns (status, body).
-fn http10_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 /// Instant query; returns the number of series in the result (Err on a PromQL error).
 fn prom_query(port: u16, q: &str) -> Result<usize, String> {
-    let (status, body) = http10_get(port, &format!("/api/v1/query?query={}", urlencode(q)))
+    let (status, body) = http_get(port, &format!("/api/v1/query?query={}", urlencode(q)))
         .map_err(|e| e.to_string())?;
     let v: serde_json::Value =
         serde_json::from_str(&body).map_err(|e| format!("{status}: {e}: {body}"))?;
@@ -552,7 +532,7 @@ async fn real_prometheus_scrapes_every_metric_the_dashboard_and_alerts_use() {
             .expect("start prometheus"),
     );
     let start = Instant::now();
-    while !matches!(http10_get(port, "/-/ready"), Ok((200, _))) {
+    while !matches!(http_get(port, "/-/ready"), Ok((200, _))) {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "prometheus not ready"

@@ -403,12 +403,8 @@ async fn protocol_errors_close_with_specific_codes_and_publish_error_events() {
     let s2c = s2.clone();
     let recs = tokio::task::spawn_blocking(move || {
         consume_until(&brokers, &tps, Duration::from_secs(30), |r| {
-            r.iter()
-                .filter(|x| x.topic.ends_with(".events") && x.json()["type"] == "error")
-                .count()
-                >= 4
-                && r.iter()
-                    .any(|x| x.topic.ends_with(".events") && x.json()["type"] == "stop")
+            count_events(r, "error") >= 4
+                && count_events(r, "stop") >= 1
                 && r.iter().filter(|x| x.topic.contains(".audio.")).count() >= 2
         })
     })

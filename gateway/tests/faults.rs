@@ -161,10 +161,7 @@ async fn outage_beyond_the_budget_drops_exactly_what_the_metrics_say_and_recover
     let n = sids.len();
     let recs = tokio::task::spawn_blocking(move || {
         consume_until(&brokers, &tps, Duration::from_secs(60), |r| {
-            r.iter()
-                .filter(|x| x.topic.ends_with(".events") && x.json()["type"] == "stop")
-                .count()
-                >= n
+            count_events(r, "stop") >= n
         })
     })
     .await

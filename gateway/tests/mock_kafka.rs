@@ -4,6 +4,10 @@
 //! time. Fast and deterministic enough to run in the normal `cargo test`; the real-broker
 //! outage tests are in `faults.rs`.
 
+mod support;
+
+use support::ulaw_to_pcm;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -165,21 +169,6 @@ fn now() -> Received {
 fn chunk(stream: u64, k: u64) -> Vec<u8> {
     (0..160u64)
         .map(|i| (i.wrapping_mul(13) ^ k.wrapping_mul(7) ^ stream) as u8)
-        .collect()
-}
-
-fn ulaw_to_pcm(ulaw: &[u8]) -> Vec<u8> {
-    ulaw.iter()
-        .flat_map(|&c| {
-            let u = !c;
-            let mag = ((((u & 0x0F) as i32) << 3) + 0x84) << ((u >> 4) & 7);
-            let s = if u & 0x80 != 0 {
-                0x84 - mag
-            } else {
-                mag - 0x84
-            };
-            (s as i16).to_le_bytes()
-        })
         .collect()
 }
 

@@ -10,6 +10,10 @@
 //! (c) with `frames_per_record` N and contiguous timestamps, the records of a track concatenate
 //!     to the concatenation of its chunks, cut only every N chunks and at the end.
 
+mod support;
+
+use support::ulaw_to_pcm;
+
 use gateway::events::{write_json, EndKind, Event, EventBody};
 use gateway::metrics::DropReason;
 use gateway::protocol::{parse, Message, ParseError, Track};
@@ -28,22 +32,8 @@ const AT: Received = Received {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Reference decoders, written independently of the gateway's tables.
-
-fn ulaw_to_pcm(ulaw: &[u8]) -> Vec<u8> {
-    ulaw.iter()
-        .flat_map(|&c| {
-            let u = !c;
-            let mag = ((((u & 0x0F) as i32) << 3) + 0x84) << ((u >> 4) & 7);
-            let s = if u & 0x80 != 0 {
-                0x84 - mag
-            } else {
-                mag - 0x84
-            };
-            (s as i16).to_le_bytes()
-        })
-        .collect()
-}
+// Reference codecs: the μ-law decoder is support::ulaw_to_pcm, written independently of the
+// gateway's table.
 
 fn b64(raw: &[u8]) -> String {
     base64_simd::STANDARD.encode_to_string(raw)

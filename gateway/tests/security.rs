@@ -142,30 +142,11 @@ fn webhook_request(method: &str, path_and_query: &str, sig: Option<&str>, body: 
 
 // ---- WebSocket clients ----
 
-struct SpawnExecutor;
-impl<F> hyper::rt::Executor<F> for SpawnExecutor
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(fut);
-    }
-}
-
 fn ws_request(port: u16, scheme: &str, sig: Option<&str>) -> hyper::Request<Empty<Bytes>> {
-    let mut b = hyper::Request::builder()
-        .method("GET")
-        .uri(format!("{scheme}://localhost:{port}/stream"))
-        .header("Host", format!("localhost:{port}"))
-        .header("Upgrade", "websocket")
-        .header("Connection", "upgrade")
-        .header(
-            "Sec-WebSocket-Key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("Sec-WebSocket-Version", "13")
-        .header("User-Agent", "Twilio.TmeWs/1.0");
+    let mut b = twilio_upgrade_request(
+        &format!("{scheme}://localhost:{port}/stream"),
+        &format!("localhost:{port}"),
+    );
     if let Some(s) = sig {
         b = b.header("X-Twilio-Signature", s);
     }

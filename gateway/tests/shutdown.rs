@@ -168,10 +168,7 @@ async fn drain_timeout_closes_streams_with_1001_and_everything_accepted_is_deliv
     let n = sids.len();
     let recs = tokio::task::spawn_blocking(move || {
         consume_until(&brokers, &tps, Duration::from_secs(30), |r| {
-            r.iter()
-                .filter(|x| x.topic.ends_with(".events") && x.json()["type"] == "disconnect")
-                .count()
-                >= n
+            count_events(r, "disconnect") >= n
         })
     })
     .await

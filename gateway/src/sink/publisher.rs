@@ -98,14 +98,12 @@ impl ConnectionPublisher {
 impl Publisher for ConnectionPublisher {
     fn publish_audio(&mut self, r: &AudioRecord<'_>) -> Result<(), DropReason> {
         let inner = &*self.sink.inner;
-        let headers = audio_headers(r, &inner.gateway_id, inner.frames_per_record > 1);
         let cost = record_cost(r.ids.stream_sid.len(), r.payload.len());
         let inflight = &inner.metrics.inflight_bytes;
         // Check, then charge: two connections racing can each overshoot by one record, which
         // is why librdkafka's own limit sits 25 % above the budget.
         let before = inflight.get() as u64;
         if before + cost > inner.budget {
-            drop(headers);
             overflow(inner, &mut self.backpressure_close);
             let reason = DropReason::QueueFull;
             if !self.logged_drop {
@@ -117,6 +115,9 @@ impl Publisher for ConnectionPublisher {
             return Err(reason);
         }
         inflight.add(cost as i64);
+        // Headers only once the record is admitted: an overloaded gateway does not build
+        // (and free) 12 librdkafka headers for every frame it drops.
+        let headers = audio_headers(r, &inner.gateway_id, inner.frames_per_record > 1);
         let opaque = pack_opaque(false, r.chunks, r.received_mono_us, crate::mono_micros());
         let record = BaseRecord::with_opaque_to(&inner.audio_topics[r.track.index()], opaque)
             .key(r.ids.stream_sid.as_bytes())

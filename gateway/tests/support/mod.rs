@@ -132,14 +132,11 @@ pub fn wait_port(port: u16, timeout: Duration) {
     }
 }
 
-/// Minimal blocking HTTP GET; returns (status, body).
+/// Minimal blocking HTTP/1.0 GET (so the answer is never chunked); returns (status, body).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
     let status = buf
@@ -274,7 +271,7 @@ impl Drop for Gateway {
     }
 }
 
-struct SpawnExecutor;
+pub struct SpawnExecutor;
 impl<F> hyper::rt::Executor<F> for SpawnExecutor
 where
     F: std::future::Future + Send + 'static,
@@ -290,14 +287,13 @@ pub struct Client {
     pub ws: WebSocket<TokioIo<Upgraded>>,
 }
 
-pub async fn connect_path(port: u16, path: &str) -> Result<Client, String> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| e.to_string())?;
-    let req = hyper::Request::builder()
+/// An upgrade request exactly as Twilio sends it (headers seen in the wild), to `uri` with
+/// `Host: host`; callers add `X-Twilio-Signature` when they sign.
+pub fn twilio_upgrade_request(uri: &str, host: &str) -> hyper::http::request::Builder {
+    hyper::Request::builder()
         .method("GET")
-        .uri(format!("http://127.0.0.1:{port}{path}"))
-        .header("Host", format!("127.0.0.1:{port}"))
+        .uri(uri)
+        .header("Host", host)
         .header("Upgrade", "websocket")
         .header("Connection", "upgrade")
         .header(
@@ -306,8 +302,18 @@ pub async fn connect_path(port: u16, path: &str) -> Result<Client, String> {
         )
         .header("Sec-WebSocket-Version", "13")
         .header("User-Agent", "Twilio.TmeWs/1.0")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+}
+
+pub async fn connect_path(port: u16, path: &str) -> Result<Client, String> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = twilio_upgrade_request(
+        &format!("http://127.0.0.1:{port}{path}"),
+        &format!("127.0.0.1:{port}"),
+    )
+    .body(Empty::<Bytes>::new())
+    .unwrap();
     let (mut ws, _resp) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp)
         .await
         .map_err(|e| e.to_string())?;
@@ -513,6 +519,13 @@ pub fn consume_until(
         }
     }
     out
+}
+
+/// How many records of `recs` are events of type `kind`.
+pub fn count_events(recs: &[Record], kind: &str) -> usize {
+    recs.iter()
+        .filter(|r| r.topic.ends_with(".events") && r.json()["type"] == kind)
+        .count()
 }
 
 pub fn topics(gw: &Gateway) -> [String; 3] {
