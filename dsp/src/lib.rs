@@ -1,0 +1,1 @@
+//! Audio signal processing for the gateway (work in progress).
