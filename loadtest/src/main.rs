@@ -4,8 +4,10 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use loadtest::audio::{self, ChunkTable};
+use loadtest::echo::{EchoConfig, EchoEncoding};
+use loadtest::probe::ProbeConfig;
 use loadtest::report::Report;
-use loadtest::scenario::{self, RampConfig, RunConfig, Scenario};
+use loadtest::scenario::{self, BidiConfig, RampConfig, RunConfig, RunOptions, Scenario};
 use loadtest::stream::StreamConfig;
 use loadtest::verify::VerifyConfig;
 use std::path::PathBuf;
@@ -56,6 +58,58 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Bidirectional streams: an echo bot plays each caller's audio back through
+    /// <prefix>.playback (with marks, clears, stops); the simulated Twilio plays it out in
+    /// real time and echoes marks; uplink and downlink are verified. Needs --verify-brokers.
+    Bidirectional {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        echo: EchoArgs,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EchoEnc {
+    /// PCM s16le 8 kHz (the gateway encodes to μ-law).
+    Pcm,
+    /// μ-law (passed through).
+    Mulaw,
+    /// PCM and μ-law, alternating per record.
+    Alternate,
+}
+
+#[derive(Args, Debug)]
+struct EchoArgs {
+    /// Seconds between the caller's audio and its echo.
+    #[arg(long, default_value_t = 1.0)]
+    echo_delay: f64,
+    /// Encoding of the playback records.
+    #[arg(long, value_enum, default_value_t = EchoEnc::Pcm)]
+    echo_encoding: EchoEnc,
+    /// Inbound records gathered and written back to back (faster than real time, like a
+    /// text-to-speech reply), so the playout buffer holds audio for marks and clears.
+    #[arg(long, default_value_t = 5)]
+    echo_burst: u64,
+    /// A mark after every N playback media records (0 = none).
+    #[arg(long, default_value_t = 10)]
+    mark_every: u64,
+    /// A clear on each stream every S seconds (0 = never).
+    #[arg(long, default_value_t = 10.0)]
+    clear_every: f64,
+    /// Every N-th stream is ended by a `stop` record (0 = none).
+    #[arg(long, default_value_t = 0)]
+    stop_every: u64,
+    /// Seconds after its start event a stopped stream gets its stop (default: half the
+    /// call's wall time).
+    #[arg(long)]
+    stop_after: Option<f64>,
+    /// linger.ms of the echo bot's producer.
+    #[arg(long, default_value_t = 1)]
+    echo_linger_ms: u32,
+    /// Marks that may wait in one simulated stream's playout buffer.
+    #[arg(long, default_value_t = 1024)]
+    max_pending_marks: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -120,6 +174,19 @@ struct Common {
     /// Kafka topic prefix.
     #[arg(long, default_value = "twilio")]
     topic_prefix: String,
+    /// Also run the sampled latency probe: a separate light consumer on one partition of
+    /// <prefix>.audio.inbound that only timestamps (needs --verify-brokers).
+    #[arg(long)]
+    latency_probe: bool,
+    /// Partition the latency probe reads.
+    #[arg(long, default_value_t = 0)]
+    latency_probe_partition: i32,
+    /// Seconds between consumer-lag samples (high watermark − position).
+    #[arg(long, default_value_t = 1.0)]
+    lag_every: f64,
+    /// Records the verifier may hold between receipt and verification.
+    #[arg(long, default_value_t = 65_536)]
+    verify_queue: usize,
     /// Seconds to wait for late records after the last stream.
     #[arg(long, default_value_t = 5.0)]
     grace: f64,
@@ -155,8 +222,56 @@ fn secs(v: f64, name: &str) -> Result<Duration, String> {
 }
 
 /// Validates everything before any socket is opened; reports every problem at once.
-fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, &Common), Vec<String>> {
+fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, RunOptions, &Common), Vec<String>> {
+    let mut errs = Vec::new();
     let (scenario, c, call_secs) = match cmd {
+        Cmd::Bidirectional { common, echo } => {
+            let mut s = |v: f64, n: &str| match secs(v, n) {
+                Ok(d) => d,
+                Err(e) => {
+                    errs.push(e);
+                    Duration::ZERO
+                }
+            };
+            let half_call = common.duration / common.speed.max(1e-9) / 2.0;
+            let cfg = EchoConfig {
+                delay: s(echo.echo_delay, "echo-delay"),
+                encoding: match echo.echo_encoding {
+                    EchoEnc::Pcm => EchoEncoding::Pcm,
+                    EchoEnc::Mulaw => EchoEncoding::Mulaw,
+                    EchoEnc::Alternate => EchoEncoding::Alternate,
+                },
+                mark_every: echo.mark_every,
+                clear_every: s(echo.clear_every, "clear-every"),
+                burst: echo.echo_burst,
+                stop_every: echo.stop_every,
+                stop_after: s(echo.stop_after.unwrap_or(half_call), "stop-after"),
+                linger_ms: echo.echo_linger_ms,
+            };
+            if echo.echo_burst == 0 {
+                errs.push("--echo-burst must be at least 1".into());
+            }
+            if common.verify_brokers.is_none() {
+                errs.push(
+                    "bidirectional needs --verify-brokers (the echo bot reads and writes Kafka)"
+                        .into(),
+                );
+            }
+            if matches!(common.tracks, Tracks::Both) {
+                errs.push(
+                    "bidirectional streams carry only the inbound track (--tracks inbound)".into(),
+                );
+            }
+            (
+                Scenario::Bidirectional(BidiConfig {
+                    echo: cfg,
+                    max_pending_marks: echo.max_pending_marks.max(1),
+                    ..Default::default()
+                }),
+                common,
+                common.duration,
+            )
+        }
         Cmd::Steady { common } => (Scenario::Steady, common, common.duration),
         Cmd::Soak { common } => (Scenario::Soak, common, common.duration),
         Cmd::Burst { common, hold } => (Scenario::Burst, common, *hold),
@@ -175,7 +290,6 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, &Common), Vec<String>> {
             common.duration,
         ),
     };
-    let mut errs = Vec::new();
     if c.streams == 0 {
         errs.push("--streams must be at least 1".to_string());
     }
@@ -193,12 +307,19 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, &Common), Vec<String>> {
             errs.push("--step must be at least 1".into());
         }
     }
-    let mut durs = [Duration::ZERO; 4];
+    if c.latency_probe && c.verify_brokers.is_none() {
+        errs.push("--latency-probe needs --verify-brokers".into());
+    }
+    if c.latency_probe_partition < 0 {
+        errs.push("--latency-probe-partition must be >= 0".into());
+    }
+    let mut durs = [Duration::ZERO; 5];
     for (i, (v, n)) in [
         (c.grace, "grace"),
         (c.metrics_every, "metrics-every"),
         (c.handshake_timeout, "handshake-timeout"),
         (c.close_timeout, "close-timeout"),
+        (c.lag_every, "lag-every"),
     ]
     .into_iter()
     .enumerate()
@@ -267,7 +388,14 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, &Common), Vec<String>> {
         handshake_timeout: durs[2],
         progress: !c.quiet,
     };
-    Ok((scenario, cfg, c))
+    let opts = RunOptions {
+        latency_probe: c.latency_probe.then_some(ProbeConfig {
+            partition: c.latency_probe_partition,
+        }),
+        lag_every: durs[4],
+        verify_queue: c.verify_queue.max(1),
+    };
+    Ok((scenario, cfg, opts, c))
 }
 
 /// A per-run id for the SIDs: wall clock nanoseconds mixed with the pid.
@@ -310,13 +438,18 @@ fn had_problems(r: &Report) -> bool {
             || !v.missing_topics.is_empty()
     });
     let ramp = r.ramp.is_some();
+    let bidi = r.bidirectional.as_ref().is_some_and(|b| {
+        b.downlink.faults > 0
+            || b.echo.produce_errors + b.echo.delivery_errors + b.echo.starts_unrouted > 0
+            || b.downlink.produced.media_records == 0
+    });
     // A ramp is expected to end in failures; its result is the sustained count.
-    (!ramp && (s.handshake_errors + s.failed > 0)) || v
+    (!ramp && (s.handshake_errors + s.failed > 0)) || v || bidi
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (scenario, cfg, common) = match build(&cli.scenario) {
+    let (scenario, cfg, opts, common) = match build(&cli.scenario) {
         Ok(x) => x,
         Err(errs) => {
             for e in errs {
@@ -346,7 +479,7 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let report = match rt.block_on(scenario::run(scenario, cfg)) {
+    let report = match rt.block_on(scenario::run_with(scenario, cfg, opts)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("loadtest: {e}");

@@ -82,6 +82,19 @@ impl CallIds {
     }
 }
 
+impl CallIds {
+    /// The stream index behind `sid` when it is a stream SID of run `run_id` (the inverse
+    /// of [`CallIds::new`]); `None` for any other SID.
+    pub fn stream_index(sid: &str, run_id: u64) -> Option<u64> {
+        let hex = sid.strip_prefix("MZ")?;
+        if hex.len() != 32 {
+            return None;
+        }
+        let v = u128::from_str_radix(hex, 16).ok()?;
+        ((v >> 64) as u64 == run_id).then_some(v as u64)
+    }
+}
+
 /// Builds one stream's messages into a reused buffer.
 #[derive(Debug)]
 pub struct MessageBuilder {
@@ -188,7 +201,8 @@ impl MessageBuilder {
         b
     }
 
-    /// `mark` named `name` (an echo of a mark the server sent, in real Twilio).
+    /// `mark` named `name` (an echo of a mark the server sent, in real Twilio); the name is
+    /// JSON-escaped.
     pub fn mark(&mut self, seq: u64, name: &str) -> &mut [u8] {
         let b = &mut self.buf;
         b.clear();
@@ -197,7 +211,7 @@ impl MessageBuilder {
         b.extend_from_slice(br#"","streamSid":""#);
         b.extend_from_slice(self.ids.stream_sid.as_bytes());
         b.extend_from_slice(br#"","mark":{"name":""#);
-        b.extend_from_slice(name.as_bytes());
+        push_json_str(b, name);
         b.extend_from_slice(br#""}}"#);
         b
     }
@@ -215,6 +229,85 @@ impl MessageBuilder {
         b.push(b'"');
         b.extend_from_slice(&self.tail);
         b
+    }
+}
+
+/// A message from the server on a bidirectional stream (what Twilio accepts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerMessage {
+    /// `media`: the base64-decoded μ-law payload.
+    Media(Vec<u8>),
+    /// `mark` with its name.
+    Mark(String),
+    /// `clear`.
+    Clear,
+}
+
+#[derive(serde::Deserialize)]
+struct ServerJson<'a> {
+    #[serde(borrow)]
+    event: std::borrow::Cow<'a, str>,
+    #[serde(rename = "streamSid", borrow, default)]
+    stream_sid: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    media: Option<ServerMedia<'a>>,
+    #[serde(borrow, default)]
+    mark: Option<ServerMark<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ServerMedia<'a> {
+    #[serde(borrow)]
+    payload: std::borrow::Cow<'a, str>,
+}
+
+#[derive(serde::Deserialize)]
+struct ServerMark<'a> {
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
+}
+
+/// Parses a text frame the server sent on stream `stream_sid`, the way Twilio judges it:
+/// anything that is not valid JSON, an unknown event, a missing or wrong `streamSid`, or a
+/// bad payload is an error (Twilio's warning 31951), given as a short reason.
+pub fn parse_server_message(text: &[u8], stream_sid: &str) -> Result<ServerMessage, &'static str> {
+    let m: ServerJson<'_> = serde_json::from_slice(text).map_err(|_| "invalid_json")?;
+    match m.stream_sid.as_deref() {
+        None => return Err("missing_stream_sid"),
+        Some(s) if s != stream_sid => return Err("wrong_stream_sid"),
+        Some(_) => {}
+    }
+    match m.event.as_ref() {
+        "media" => {
+            let p = m.media.ok_or("media_without_payload")?;
+            base64_simd::STANDARD
+                .decode_to_vec(p.payload.as_bytes())
+                .map(ServerMessage::Media)
+                .map_err(|_| "invalid_base64")
+        }
+        "mark" => Ok(ServerMessage::Mark(
+            m.mark.ok_or("mark_without_name")?.name.into_owned(),
+        )),
+        "clear" => Ok(ServerMessage::Clear),
+        _ => Err("unknown_event"),
+    }
+}
+
+/// Appends `s` to `out` as the inside of a JSON string (quotes, backslashes and control
+/// characters escaped).
+pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0..=0x1F => {
+                out.extend_from_slice(b"\\u00");
+                let hex = b"0123456789abcdef";
+                out.push(hex[(b >> 4) as usize]);
+                out.push(hex[(b & 15) as usize]);
+            }
+            _ => out.push(b),
+        }
     }
 }
 
@@ -257,6 +350,11 @@ mod tests {
             assert!(sid[2..].bytes().all(|b| b.is_ascii_hexdigit()));
         }
         assert_ne!(CallIds::new(1, 1).stream_sid, CallIds::new(1, 2).stream_sid);
+        let c = CallIds::new(0xDEAD_BEEF, 42);
+        assert_eq!(CallIds::stream_index(&c.stream_sid, 0xDEAD_BEEF), Some(42));
+        assert_eq!(CallIds::stream_index(&c.stream_sid, 7), None);
+        assert_eq!(CallIds::stream_index(&c.call_sid, 0xDEAD_BEEF), None);
+        assert_eq!(CallIds::stream_index("MZnothex", 0xDEAD_BEEF), None);
     }
 
     #[test]
@@ -335,6 +433,60 @@ mod tests {
         }
         assert_eq!(m.buf.as_ptr(), ptr);
         assert_eq!(m.buf.capacity(), cap);
+    }
+
+    #[test]
+    fn server_messages_are_parsed_like_twilio_would() {
+        let sid = ids().stream_sid;
+        let media =
+            format!(r#"{{"event":"media","streamSid":"{sid}","media":{{"payload":"AAEC\/w=="}}}}"#);
+        assert_eq!(
+            parse_server_message(media.as_bytes(), &sid),
+            Ok(ServerMessage::Media(vec![0, 1, 2, 255]))
+        );
+        let mark = format!(r#"{{"event":"mark","streamSid":"{sid}","mark":{{"name":"a\"b"}}}}"#);
+        assert_eq!(
+            parse_server_message(mark.as_bytes(), &sid),
+            Ok(ServerMessage::Mark("a\"b".into()))
+        );
+        let clear = format!(r#"{{"streamSid":"{sid}","event":"clear","extra":1}}"#);
+        assert_eq!(
+            parse_server_message(clear.as_bytes(), &sid),
+            Ok(ServerMessage::Clear)
+        );
+        for (text, why) in [
+            ("nope".to_string(), "invalid_json"),
+            (r#"{"event":"clear"}"#.to_string(), "missing_stream_sid"),
+            (
+                r#"{"event":"clear","streamSid":"MZx"}"#.to_string(),
+                "wrong_stream_sid",
+            ),
+            (
+                format!(r#"{{"event":"dance","streamSid":"{sid}"}}"#),
+                "unknown_event",
+            ),
+            (
+                format!(r#"{{"event":"media","streamSid":"{sid}"}}"#),
+                "media_without_payload",
+            ),
+            (
+                format!(r#"{{"event":"media","streamSid":"{sid}","media":{{"payload":"@@"}}}}"#),
+                "invalid_base64",
+            ),
+        ] {
+            assert_eq!(
+                parse_server_message(text.as_bytes(), &sid),
+                Err(why),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn mark_names_are_escaped() {
+        let mut m = MessageBuilder::new(ids());
+        let v = parse(m.mark(3, "q\"\\\n"));
+        assert_eq!(v["mark"]["name"], "q\"\\\n");
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! Run results: the terminal summary, the JSON report and the SVG chart.
 
+use crate::downlink::DownlinkSummary;
+use crate::echo::EchoSummary;
+use crate::playout::PlayoutStats;
 use crate::stats::Percentiles;
 use crate::verify::VerifySummary;
 use std::collections::BTreeMap;
@@ -38,6 +41,10 @@ pub struct Sample {
     pub media_per_sec: u64,
     /// Chunks read back from Kafka in the last second (verification only).
     pub verified_per_sec: u64,
+    /// Records stamped but not yet verified (verification only).
+    pub verify_queue: u64,
+    /// The verifying consumer's broker-side lag at its last sample, records.
+    pub consumer_lag: i64,
     /// Handshake errors so far.
     pub handshake_errors: u64,
     /// Failed streams so far.
@@ -83,6 +90,33 @@ pub struct RampReport {
     pub max_sustained_streams: u64,
     /// Why the ramp stopped.
     pub stop_reason: String,
+}
+
+/// Results of the bidirectional scenario.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BidiReport {
+    /// Echo delay, ms.
+    pub echo_delay_ms: f64,
+    /// `pcm`, `mulaw` or `alternate`.
+    pub echo_encoding: String,
+    /// A mark after every N media records.
+    pub mark_every: u64,
+    /// Seconds between clears per stream (0 = none).
+    pub clear_every_secs: f64,
+    /// Inbound records per playback burst.
+    pub burst: u64,
+    /// Every N-th stream stopped by a `stop` record (0 = none).
+    pub stop_every: u64,
+    /// Streams the gateway closed with 1000 before our `stop`.
+    pub streams_stopped_by_server: u64,
+    /// Downlink frames Twilio would reject.
+    pub downlink_invalid_frames: u64,
+    /// The simulated Twilio playout, all streams.
+    pub playout: PlayoutStats,
+    /// The echo bot.
+    pub echo: EchoSummary,
+    /// Downlink verification.
+    pub downlink: DownlinkSummary,
 }
 
 /// Everything a run measured.
@@ -132,6 +166,8 @@ pub struct Report {
     pub gateway_rss: Option<RssReport>,
     /// Ramp steps, for the ramp scenario.
     pub ramp: Option<RampReport>,
+    /// Echo bot and downlink results, for the bidirectional scenario.
+    pub bidirectional: Option<BidiReport>,
     /// 1-second samples.
     pub timeseries: Vec<Sample>,
 }
@@ -205,6 +241,13 @@ impl Report {
                 "  kafka chunks           expected={} received={} missing={} duplicated={} out_of_order={} pcm_mismatch={} unexpected={}",
                 t.expected, t.received, t.missing, t.duplicated, t.out_of_order, t.pcm_mismatches, t.unexpected
             );
+            if t.unread_after_server_close > 0 {
+                let _ = writeln!(
+                    s,
+                    "  kafka chunks           {} sent after the server ended a stream (stop record), never published: not counted as missing",
+                    t.unread_after_server_close
+                );
+            }
             let _ = writeln!(
                 s,
                 "  kafka records          audio={} batched={} foreign={} malformed={} consumer_errors={}  events={:?}",
@@ -221,6 +264,45 @@ impl Report {
                 "end-to-end latency"
             };
             s.push_str(&pct_line(label, &v.latency));
+            let h = &v.harness;
+            s.push_str(&pct_line("  receipt → verified", &h.receipt_to_verify));
+            let _ = writeln!(
+                s,
+                "  harness lag            verify queue max={} of {}  consume loop blocked {:.1} ms ({}×)  consumer lag max={} mean={:.1} records ({} samples)",
+                h.queue_max_depth,
+                h.queue_capacity,
+                h.receiver_blocked_ms,
+                h.receiver_blocked_times,
+                h.consumer_lag.max_records,
+                h.consumer_lag.mean_records,
+                h.consumer_lag.samples
+            );
+            if let Some(p) = &v.probe {
+                let name = format!("probe p{} send→receipt", p.partition);
+                s.push_str(&pct_line(&name, &p.send_to_receipt));
+                s.push_str(&pct_line("probe gateway→receipt", &p.gateway_to_receipt));
+                s.push_str(&pct_line("probe send→gateway", &p.send_to_gateway));
+                let _ = writeln!(
+                    s,
+                    "  probe                  records={} chunks={} foreign={} malformed={} consumer lag max={} records",
+                    p.records, p.chunks, p.foreign_records, p.malformed_records, p.consumer_lag.max_records
+                );
+            }
+            if let Some(a) = &v.attribution {
+                let _ = writeln!(
+                    s,
+                    "  latency attribution    same records ({}): verifier p50={:.2} p99={:.2} ms vs probe p50={:.2} p99={:.2} ms → harness's own lag p50={:.2} p99={:.2} ms; Kafka path alone p50={:.2} p99={:.2} ms",
+                    a.sample,
+                    a.verifier_p50_ms,
+                    a.verifier_p99_ms,
+                    a.probe_p50_ms,
+                    a.probe_p99_ms,
+                    a.harness_p50_ms,
+                    a.harness_p99_ms,
+                    a.gateway_to_receipt_p50_ms,
+                    a.gateway_to_receipt_p99_ms
+                );
+            }
             if !v.missing_topics.is_empty() {
                 let _ = writeln!(s, "  missing topics         {:?}", v.missing_topics);
             }
@@ -232,6 +314,9 @@ impl Report {
                 "  gateway RSS            start={:.1} MiB end={:.1} MiB max={:.1} MiB ({} samples, {} scrape errors)",
                 mb(r.start_bytes), mb(r.end_bytes), mb(r.max_bytes), r.samples.len(), r.scrape_errors
             );
+        }
+        if let Some(b) = &self.bidirectional {
+            bidi_table(&mut s, b);
         }
         if let Some(r) = &self.ramp {
             for st in &r.steps {
@@ -374,5 +459,86 @@ impl Report {
             .map_err(|e| err(&e))?;
         root.present().map_err(|e| err(&e))?;
         Ok(())
+    }
+}
+
+/// The bidirectional section of the terminal summary.
+fn bidi_table(s: &mut String, b: &BidiReport) {
+    let e = &b.echo;
+    let d = &b.downlink;
+    let p = &b.playout;
+    let _ = writeln!(
+        s,
+        "  echo bot               delay={:.0} ms encoding={} burst={} mark_every={} clear_every={} s stop_every={}  streams={} routed={} unrouted_starts={}",
+        b.echo_delay_ms, b.echo_encoding, b.burst, b.mark_every, b.clear_every_secs, b.stop_every, e.streams, e.streams_routed, e.starts_unrouted
+    );
+    let _ = writeln!(
+        s,
+        "  playback produced      media={} (pcm={} mulaw={}, {} bytes μ-law) marks={} clears={} stops={} produce_errors={} delivery_errors={} retracted={}",
+        d.produced.media_records, d.produced.pcm_records, d.produced.mulaw_records, d.produced.media_bytes,
+        d.produced.marks, d.produced.clears, d.produced.stops, e.produce_errors, e.delivery_errors, d.produced.retracted
+    );
+    let _ = writeln!(
+        s,
+        "  downlink received      frames={} bytes={} marks={} clears={} invalid={:?}  stopped_by_server={}",
+        d.received.media_frames, d.received.media_bytes, d.received.marks, d.received.clears, d.received.invalid, b.streams_stopped_by_server
+    );
+    let a = &d.audio;
+    let _ = writeln!(
+        s,
+        "  downlink audio         matched={} mismatched={} (pcm near-misses {}) unexpected={} misframed={} lost_records={}  discarded_by_clear={} bytes ({} records) in_flight_at_end={} cut_by_stop={}",
+        a.bytes_matched, a.bytes_mismatched, a.pcm_near_misses, a.bytes_unexpected, a.frames_misframed, a.records_lost,
+        a.bytes_discarded_by_clear, a.records_discarded_by_clear, a.records_in_flight_at_end, a.records_cut_by_stop
+    );
+    let m = &d.marks;
+    let _ = writeln!(
+        s,
+        "  downlink marks         in_place={} early_at_clear={} after_clear={} misplaced={} missing={} unexpected={} dropped_at_clear={} in_flight_at_end={}",
+        m.in_place, m.early_at_clear, m.after_clear, m.misplaced, m.missing, m.unexpected, m.dropped_at_clear, m.in_flight_at_end
+    );
+    let c = &d.echoes;
+    let _ = writeln!(
+        s,
+        "  mark echoes            played={} unplayed={} overflowed={} → gateway events matched={} played_mismatch={} (near a clear: {}) for_unforwarded={} no_played_field={} missing={} unexpected={}",
+        c.played, c.unplayed, p.marks_overflowed, c.events_matched, c.events_played_mismatch, c.events_played_mismatch_near_clear,
+        c.events_for_unforwarded_marks, c.events_without_played, c.events_missing, c.events_unexpected
+    );
+    let _ = writeln!(
+        s,
+        "  clears                 received={} unexpected={} missing={} in_flight_at_end={}  playout discarded {} bytes, max buffered {} ms",
+        d.clears.received, d.clears.unexpected, d.clears.missing, d.clears.in_flight_at_end, p.bytes_cleared, p.max_buffered_ms
+    );
+    let st = &d.stops;
+    let _ = writeln!(
+        s,
+        "  stops                  produced={} closed_1000={} wrong_close={} stopped_by_control_events={} wrong_end_events={} unexpected_server_closes={}",
+        st.produced, st.closed_1000, st.wrong_close, st.stopped_by_control_events, st.wrong_end_events, st.unexpected_server_closes
+    );
+    s.push_str(&pct_line("playback latency", &d.playback_latency));
+    s.push_str(&pct_line("clear latency", &d.clear_latency));
+    s.push_str(&pct_line("mark latency", &d.mark_latency));
+    s.push_str(&pct_line("  stamp → verified", &d.stamp_to_verify));
+    s.push_str(&pct_line("  bot lateness", &e.bot_lag));
+    s.push_str(&pct_line("  gateway → bot", &e.gateway_to_bot));
+    let _ = writeln!(
+        s,
+        "  downlink harness       queue waits={} bot consumer lag max={} mean={:.1} records; gateway terminal events with playback={} totals={:?}",
+        d.queue_waits, e.consumer_lag.max_records, e.consumer_lag.mean_records, d.gateway_events.end_events_with_playback, d.gateway_events.playback_totals
+    );
+    let _ = writeln!(s, "  downlink faults        {}", d.faults);
+    if e.starts_unrouted > 0 {
+        let _ = writeln!(
+            s,
+            "    note: {} start events carried no \"playback\" route: the gateway does not do bidirectional streams, nothing could be played back",
+            e.starts_unrouted
+        );
+    } else if d.produced.media_records == 0 {
+        let _ = writeln!(
+            s,
+            "    note: no playback was produced (no caller audio reached the echo bot)"
+        );
+    }
+    for (k, v) in &d.examples {
+        let _ = writeln!(s, "    e.g. {k} ← {v}");
     }
 }

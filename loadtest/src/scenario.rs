@@ -1,16 +1,23 @@
-//! Scenarios: steady, burst, ramp and soak.
+//! Scenarios: steady, burst, ramp, soak and bidirectional.
 //!
 //! All share one [`Harness`]: the connector, the run counters, the optional Kafka
 //! verifier, a 1-second sampler (timeline + progress line) and an optional sampler of the
 //! gateway's RSS. Streams are spawned one task each on a drift-free ramp schedule.
+//! `bidirectional` adds the echo bot ([`crate::echo`]), the simulated Twilio playout on every
+//! stream and the downlink verifier ([`crate::downlink`]).
 
 use crate::audio::ChunkTable;
 use crate::client::{ClientError, Connector};
+use crate::downlink::DownlinkVerifier;
+use crate::echo::{EchoBot, EchoConfig, EchoEncoding, EchoError};
 use crate::metrics;
-use crate::report::{RampReport, RampStep, Report, RssReport, Sample, StreamCounts};
+use crate::probe::ProbeConfig;
+use crate::report::{BidiReport, RampReport, RampStep, Report, RssReport, Sample, StreamCounts};
 use crate::stats::{chart_buckets, Percentiles, RunStats};
-use crate::stream::{run_stream, StreamConfig, StreamEnv, StreamOutcome};
-use crate::verify::{KafkaVerifier, VerifyConfig, VerifyError, VerifyProgress, VerifySummary};
+use crate::stream::{run_stream, DownlinkHooks, StreamConfig, StreamEnv, StreamOutcome};
+use crate::verify::{
+    KafkaVerifier, VerifyConfig, VerifyError, VerifyOptions, VerifyProgress, VerifySummary,
+};
 use hdrhistogram::Histogram;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -51,6 +58,29 @@ pub struct RunConfig {
     pub progress: bool,
 }
 
+/// Options beyond [`RunConfig`] (kept apart so existing callers that build a `RunConfig`
+/// literal keep compiling).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Run the sampled latency probe beside the verifier (needs `RunConfig::verify`).
+    pub latency_probe: Option<ProbeConfig>,
+    /// Interval of the consumer-lag samples.
+    pub lag_every: Duration,
+    /// Capacity of the verifier's receipt → verification queue, records.
+    pub verify_queue: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        let v = VerifyOptions::default();
+        RunOptions {
+            latency_probe: v.latency_probe,
+            lag_every: v.lag_every,
+            verify_queue: v.queue_capacity,
+        }
+    }
+}
+
 /// Ramp settings.
 #[derive(Debug, Clone)]
 pub struct RampConfig {
@@ -60,6 +90,27 @@ pub struct RampConfig {
     pub step_secs: u64,
     /// Stop when a step's p99 exceeds this (ms).
     pub p99_ms: f64,
+}
+
+/// Bidirectional scenario settings.
+#[derive(Debug, Clone)]
+pub struct BidiConfig {
+    /// The echo bot.
+    pub echo: EchoConfig,
+    /// Marks that may wait in one simulated stream's playout buffer.
+    pub max_pending_marks: usize,
+    /// Capacity of the downlink verifier's queue, messages.
+    pub downlink_queue: usize,
+}
+
+impl Default for BidiConfig {
+    fn default() -> Self {
+        BidiConfig {
+            echo: EchoConfig::default(),
+            max_pending_marks: 1024,
+            downlink_queue: 65_536,
+        }
+    }
 }
 
 /// Which scenario to run.
@@ -73,6 +124,10 @@ pub enum Scenario {
     Ramp(RampConfig),
     /// Steady, with gateway RSS sampled throughout.
     Soak,
+    /// Steady with bidirectional streams: the echo bot plays every caller's audio back
+    /// through `<prefix>.playback`; uplink and downlink are verified. Needs
+    /// `RunConfig::verify` (the brokers).
+    Bidirectional(BidiConfig),
 }
 
 impl Scenario {
@@ -82,6 +137,7 @@ impl Scenario {
             Scenario::Burst => "burst",
             Scenario::Ramp(_) => "ramp",
             Scenario::Soak => "soak",
+            Scenario::Bidirectional(_) => "bidirectional",
         }
     }
 }
@@ -95,6 +151,9 @@ pub enum RunError {
     /// Kafka verifier setup failed.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// Echo bot setup failed.
+    #[error(transparent)]
+    Echo(#[from] EchoError),
     /// Invalid combination of settings.
     #[error("config: {0}")]
     Config(String),
@@ -114,7 +173,11 @@ struct Harness {
 }
 
 impl Harness {
-    async fn new(cfg: &RunConfig, stream: StreamConfig) -> Result<Harness, RunError> {
+    async fn new(
+        cfg: &RunConfig,
+        stream: StreamConfig,
+        opts: &RunOptions,
+    ) -> Result<Harness, RunError> {
         let connector = Connector::new(
             &cfg.url,
             cfg.auth_token.as_deref(),
@@ -126,9 +189,15 @@ impl Harness {
             Some(v) => {
                 let v = v.clone();
                 let audio = cfg.audio.clone();
-                let started = tokio::task::spawn_blocking(move || KafkaVerifier::start(&v, audio))
-                    .await
-                    .map_err(|e| RunError::Config(format!("verifier setup panicked: {e}")))??;
+                let vo = VerifyOptions {
+                    latency_probe: opts.latency_probe.clone(),
+                    lag_every: opts.lag_every,
+                    queue_capacity: opts.verify_queue,
+                };
+                let started =
+                    tokio::task::spawn_blocking(move || KafkaVerifier::start_with(&v, audio, &vo))
+                        .await
+                        .map_err(|e| RunError::Config(format!("verifier setup panicked: {e}")))??;
                 Some(started)
             }
             None => None,
@@ -140,6 +209,7 @@ impl Harness {
             cfg: Arc::new(stream),
             registrar: verifier.as_ref().map(|v| v.registrar()),
             stop: Arc::new(AtomicBool::new(false)),
+            downlink: None,
         };
         let verify_progress = verifier.as_ref().map(|v| v.progress());
         let mut h = Harness {
@@ -196,11 +266,19 @@ impl Harness {
                     messages_per_sec: rate(msgs, last_msgs),
                     media_per_sec: rate(media, last_media),
                     verified_per_sec: rate(ver, last_ver),
+                    verify_queue: vp
+                        .as_ref()
+                        .map(|p| p.queue_depth.load(Ordering::Relaxed))
+                        .unwrap_or(0),
+                    consumer_lag: vp
+                        .as_ref()
+                        .map(|p| p.consumer_lag.load(Ordering::Relaxed))
+                        .unwrap_or(0),
                     handshake_errors: RunStats::get(&stats.handshake_errors),
                     failed: RunStats::get(&stats.streams_failed),
                 };
                 (last_msgs, last_media, last_ver, last_t) = (msgs, media, ver, t);
-                let line = format!(
+                let mut line = format!(
                     "t={:.0}s open={} started={} media/s={} read-back/s={} hs_err={} failed={} done={}",
                     s.t,
                     s.open_streams,
@@ -211,6 +289,12 @@ impl Harness {
                     s.failed,
                     RunStats::get(&stats.streams_completed)
                 );
+                if vp.is_some() {
+                    line.push_str(&format!(
+                        " verifier_lag={} verify_queue={}",
+                        s.consumer_lag, s.verify_queue
+                    ));
+                }
                 if let Ok(mut v) = samples.lock() {
                     v.push(s);
                 }
@@ -354,6 +438,7 @@ impl Harness {
                 .as_ref()
                 .and_then(|_| self.rss.lock().ok().map(|r| r.clone())),
             ramp: None,
+            bidirectional: None,
             timeseries: self.samples.lock().map(|v| v.clone()).unwrap_or_default(),
         }
     }
@@ -381,8 +466,17 @@ impl Harness {
     }
 }
 
-/// Runs `scenario` and returns its report.
+/// Runs `scenario` with default [`RunOptions`] and returns its report.
 pub async fn run(scenario: Scenario, cfg: RunConfig) -> Result<Report, RunError> {
+    run_with(scenario, cfg, RunOptions::default()).await
+}
+
+/// Runs `scenario` and returns its report.
+pub async fn run_with(
+    scenario: Scenario,
+    cfg: RunConfig,
+    opts: RunOptions,
+) -> Result<Report, RunError> {
     if cfg.stream.chunks.is_none() && !matches!(scenario, Scenario::Ramp(_)) {
         return Err(RunError::Config(
             "a call length (--duration) is required".into(),
@@ -395,24 +489,30 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Result<Report, RunError>
             } else {
                 cfg.ramp_per_sec
             };
-            let h = Harness::new(&cfg, cfg.stream.clone()).await?;
+            let h = Harness::new(&cfg, cfg.stream.clone(), &opts).await?;
             let handles = h.spawn_streams(0, cfg.streams, rate).await;
             for j in handles {
                 let _ = j.await;
             }
             Ok(h.finish(&cfg, &scenario, cfg.streams).await)
         }
-        Scenario::Ramp(r) => run_ramp(&scenario, r, cfg).await,
+        Scenario::Ramp(r) => run_ramp(&scenario, r, cfg, &opts).await,
+        Scenario::Bidirectional(b) => run_bidirectional(&scenario, b, cfg, &opts).await,
     }
 }
 
-async fn run_ramp(scenario: &Scenario, r: &RampConfig, cfg: RunConfig) -> Result<Report, RunError> {
+async fn run_ramp(
+    scenario: &Scenario,
+    r: &RampConfig,
+    cfg: RunConfig,
+    opts: &RunOptions,
+) -> Result<Report, RunError> {
     if r.step == 0 {
         return Err(RunError::Config("--step must be at least 1".into()));
     }
     let mut stream = cfg.stream.clone();
     stream.chunks = None; // open-ended: streams end when the ramp stops
-    let h = Harness::new(&cfg, stream).await?;
+    let h = Harness::new(&cfg, stream, opts).await?;
     let mut handles = Vec::new();
     let mut steps = Vec::new();
     let mut current = 0u64;
@@ -465,6 +565,76 @@ async fn run_ramp(scenario: &Scenario, r: &RampConfig, cfg: RunConfig) -> Result
         steps,
         max_sustained_streams: max_ok,
         stop_reason,
+    });
+    Ok(report)
+}
+
+async fn run_bidirectional(
+    scenario: &Scenario,
+    b: &BidiConfig,
+    cfg: RunConfig,
+    opts: &RunOptions,
+) -> Result<Report, RunError> {
+    let Some(v) = cfg.verify.clone() else {
+        return Err(RunError::Config(
+            "bidirectional needs the Kafka brokers (--verify-brokers)".into(),
+        ));
+    };
+    let mut stream = cfg.stream.clone();
+    // Twilio sends marks only as echoes; an uplink mark would look like an echo of a mark
+    // the gateway never sent.
+    stream.mark_at = None;
+    let dl = DownlinkVerifier::start(b.downlink_queue)
+        .map_err(|e| RunError::Config(format!("downlink verifier: {e}")))?;
+    let (brokers, prefix, run_id, echo_cfg, tx) = (
+        v.brokers.clone(),
+        v.topic_prefix.clone(),
+        stream.run_id,
+        b.echo.clone(),
+        dl.sender(),
+    );
+    let bot = tokio::task::spawn_blocking(move || {
+        EchoBot::start(&brokers, &prefix, run_id, echo_cfg, tx)
+    })
+    .await
+    .map_err(|e| RunError::Config(format!("echo bot setup panicked: {e}")))??;
+    let mut h = Harness::new(&cfg, stream, opts).await?;
+    h.env.downlink = Some(DownlinkHooks {
+        tx: dl.sender(),
+        max_pending_marks: b.max_pending_marks,
+    });
+    let stats = h.env.stats.clone();
+    let handles = h.spawn_streams(0, cfg.streams, cfg.ramp_per_sec).await;
+    for j in handles {
+        let _ = j.await;
+    }
+    // The bot keeps reading events (mark reports, terminal events) while the uplink
+    // verifier waits for its last records.
+    let grace = cfg.grace;
+    let bot_done = tokio::task::spawn_blocking(move || bot.finish(grace));
+    let mut report = h.finish(&cfg, scenario, cfg.streams).await;
+    let echo = bot_done.await.unwrap_or_default();
+    let downlink = tokio::task::spawn_blocking(move || dl.finish())
+        .await
+        .unwrap_or_default();
+    let e = &b.echo;
+    report.bidirectional = Some(BidiReport {
+        echo_delay_ms: e.delay.as_secs_f64() * 1000.0,
+        echo_encoding: match e.encoding {
+            EchoEncoding::Pcm => "pcm",
+            EchoEncoding::Mulaw => "mulaw",
+            EchoEncoding::Alternate => "alternate",
+        }
+        .into(),
+        mark_every: e.mark_every,
+        clear_every_secs: e.clear_every.as_secs_f64(),
+        burst: e.burst,
+        stop_every: e.stop_every,
+        streams_stopped_by_server: RunStats::get(&stats.streams_stopped_by_server),
+        downlink_invalid_frames: RunStats::get(&stats.downlink_invalid),
+        playout: stats.playout.lock().map(|p| p.clone()).unwrap_or_default(),
+        echo,
+        downlink,
     });
     Ok(report)
 }

@@ -4,6 +4,7 @@
 //! final report only read them. Histograms are sharded by stream index so tasks on
 //! different worker threads rarely touch the same lock.
 
+use crate::playout::PlayoutStats;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -91,9 +92,30 @@ pub struct RunStats {
     pub errors: Mutex<BTreeMap<String, u64>>,
     /// The first full error message seen for each reason.
     pub error_examples: Mutex<BTreeMap<String, String>>,
+    /// Bidirectional streams the server ended with 1000 before our `stop`.
+    pub streams_stopped_by_server: AtomicU64,
+    /// Downlink totals of the simulated Twilio playout (bidirectional streams).
+    pub playout: Mutex<PlayoutStats>,
+    /// Downlink frames Twilio would reject (bad JSON, wrong SID, binary, …).
+    pub downlink_invalid: AtomicU64,
 }
 
 impl RunStats {
+    /// Adds one stream's playout counters to the run's.
+    pub fn add_playout(&self, p: &PlayoutStats) {
+        if let Ok(mut t) = self.playout.lock() {
+            t.media_frames += p.media_frames;
+            t.media_bytes += p.media_bytes;
+            t.marks += p.marks;
+            t.clears += p.clears;
+            t.echoed_played += p.echoed_played;
+            t.echoed_cleared += p.echoed_cleared;
+            t.marks_overflowed += p.marks_overflowed;
+            t.bytes_cleared += p.bytes_cleared;
+            t.max_buffered_ms = t.max_buffered_ms.max(p.max_buffered_ms);
+        }
+    }
+
     /// Counts one close code sent by the server.
     pub fn close_code(&self, code: u16) {
         if let Ok(mut m) = self.close_codes.lock() {

@@ -6,20 +6,36 @@
 //! half for the whole life of the socket: it answers pings (through the writer), counts
 //! server frames and records the server's close code. Writes go through a 1 KiB
 //! `BufWriter` so both tracks of one tick leave in one `write` and one flush.
+//!
+//! With [`DownlinkHooks`] the stream also plays Twilio's side of a bidirectional stream. The
+//! reader stamps every frame as it comes off the socket (before parsing), parses `media`,
+//! `mark` and `clear`, feeds them to the stream's [`Playout`] model and logs them, stamped,
+//! to the downlink verifier. The writer, between its media ticks, sleeps until the next
+//! tick, the next mark due, or a nudge from the reader, and writes each due echo
+//! (`{"event":"mark","sequenceNumber":…}` on the stream's one sequence counter). The uplink
+//! schedule is unchanged: echoes go out between ticks and never move a tick. Per stream the
+//! downlink costs the model (an instant and at most `max_pending_marks` names), one
+//! reassembly buffer capped at the 64 KiB message limit, and nothing else: frames go to the
+//! verifier's bounded queue.
 
 use crate::audio::ChunkTable;
 use crate::client::Connector;
-use crate::message::{CallIds, MessageBuilder, Track};
+use crate::downlink::{DlMsg, DownlinkSender, RxItem};
+use crate::message::{parse_server_message, CallIds, MessageBuilder, ServerMessage, Track};
 use crate::pacing::Schedule;
+use crate::playout::{Echo, Playout};
 use crate::stats::RunStats;
 use crate::verify::{Registrar, StreamReg};
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::BufWriter;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
+
+/// Largest message the simulated Twilio accepts (fragments included).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Settings shared by every stream of a run.
 #[derive(Debug, Clone)]
@@ -57,6 +73,33 @@ pub struct StreamEnv {
     pub registrar: Option<Registrar>,
     /// Set to end open-ended streams (ramp, soak).
     pub stop: Arc<AtomicBool>,
+    /// Play Twilio's side of a bidirectional stream (the `bidirectional` scenario).
+    pub downlink: Option<DownlinkHooks>,
+}
+
+/// What a stream needs to act as the Twilio end of a bidirectional stream.
+#[derive(Debug, Clone)]
+pub struct DownlinkHooks {
+    /// Where received frames and echoes are logged, stamped, for verification.
+    pub tx: DownlinkSender,
+    /// Marks that may wait for their audio at once (more are counted and dropped).
+    pub max_pending_marks: usize,
+}
+
+/// State the reader and the writer of a bidirectional stream share.
+struct Shared {
+    model: Mutex<Playout>,
+    /// The reader nudges the writer when a mark or clear may have made an echo due.
+    nudge: Notify,
+}
+
+/// The writer's side of a bidirectional stream.
+struct DownWriter {
+    shared: Arc<Shared>,
+    tx: DownlinkSender,
+    stream: u64,
+    /// Reused buffer of echoes to write.
+    echoes: Vec<Echo>,
 }
 
 /// How one stream ended.
@@ -74,6 +117,8 @@ pub struct StreamOutcome {
     pub last_seq: u64,
     /// Close code the server sent, if it sent a close frame.
     pub server_close: Option<u16>,
+    /// The server closed first with 1000 on a bidirectional stream (a `stop` record).
+    pub stopped_by_server: bool,
     /// Why it failed, if it did.
     pub error: Option<String>,
 }
@@ -132,14 +177,38 @@ pub async fn run_stream(env: StreamEnv, index: u64) -> StreamOutcome {
     rd.set_max_message_size(64 * 1024);
     wr.set_writev(false);
 
+    let ids = CallIds::new(env.cfg.run_id, index);
+    let shared = env.downlink.as_ref().map(|h| {
+        Arc::new(Shared {
+            model: Mutex::new(Playout::new(
+                Instant::now(),
+                env.cfg.speed,
+                h.max_pending_marks,
+            )),
+            nudge: Notify::new(),
+        })
+    });
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(4);
     let reader_stats = env.stats.clone();
+    let reader_down = match (&env.downlink, &shared) {
+        (Some(h), Some(s)) => Some(DownReader {
+            shared: s.clone(),
+            tx: h.tx.clone(),
+            stream: index,
+            sid: ids.stream_sid.clone(),
+            frag: None,
+        }),
+        _ => None,
+    };
     let reader = tokio::spawn(async move {
         let mut res = ReadResult::default();
+        let mut down = reader_down;
         let mut no_send = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
         loop {
             match rd.read_frame(&mut no_send).await {
                 Ok(frame) => {
+                    // Stamp first: nothing below may delay the receive time.
+                    let at = Instant::now();
                     reader_stats.frames_received.fetch_add(1, Ordering::Relaxed);
                     match frame.opcode {
                         OpCode::Close => {
@@ -155,7 +224,13 @@ pub async fn run_stream(env: StreamEnv, index: u64) -> StreamOutcome {
                             // Bounded channel: if the writer is behind, drop the pong.
                             let _ = ctl_tx.try_send(Control::Ping(frame.payload.to_vec()));
                         }
-                        _ => {}
+                        OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                            if let Some(d) = down.as_mut() {
+                                d.frame(at, frame.opcode, frame.fin, &frame.payload, &reader_stats)
+                                    .await;
+                            }
+                        }
+                        OpCode::Pong => {}
                     }
                 }
                 Err(e) => {
@@ -167,8 +242,17 @@ pub async fn run_stream(env: StreamEnv, index: u64) -> StreamOutcome {
         res
     });
 
-    let mut msg = MessageBuilder::new(CallIds::new(env.cfg.run_id, index));
+    let mut msg = MessageBuilder::new(ids);
     let offsets = audio_offsets(index, env.audio.len());
+    let mut down = match (&env.downlink, &shared) {
+        (Some(h), Some(s)) => Some(DownWriter {
+            shared: s.clone(),
+            tx: h.tx.clone(),
+            stream: index,
+            echoes: Vec::new(),
+        }),
+        _ => None,
+    };
     let write_result = send_call(
         &env,
         index,
@@ -177,6 +261,7 @@ pub async fn run_stream(env: StreamEnv, index: u64) -> StreamOutcome {
         &mut wr,
         &mut ctl_rx,
         &mut out,
+        down.as_mut(),
     )
     .await;
 
@@ -198,7 +283,22 @@ pub async fn run_stream(env: StreamEnv, index: u64) -> StreamOutcome {
     out.server_close = read.close_code;
 
     if let Some(reg) = &env.registrar {
+        if env.downlink.is_some() && matches!(write_result, Ok(Sent::ServerClosed(1000))) {
+            reg.server_closed(msg.ids().stream_sid.clone());
+        }
         reg.finished(msg.ids().stream_sid.clone(), out.media_sent);
+    }
+    if let (Some(h), Some(s)) = (&env.downlink, &shared) {
+        if let Ok(m) = s.model.lock() {
+            stats.add_playout(&m.stats);
+        }
+        h.tx.send(DlMsg::StreamEnd {
+            stream: index,
+            at: Instant::now().into_std(),
+            we_stopped: matches!(write_result, Ok(Sent::Stopped)),
+            server_close: read.close_code,
+        })
+        .await;
     }
     stats.open_streams.fetch_sub(1, Ordering::Relaxed);
 
@@ -210,6 +310,15 @@ pub async fn run_stream(env: StreamEnv, index: u64) -> StreamOutcome {
             } else {
                 out.error = read.error.or(Some("no_close_reply".into()));
             }
+        }
+        Ok(Sent::ServerClosed(1000)) if env.downlink.is_some() => {
+            // On a bidirectional stream the server may end the call (a `stop` record);
+            // the downlink verifier checks that one was sent.
+            out.completed = true;
+            out.stopped_by_server = true;
+            stats
+                .streams_stopped_by_server
+                .fetch_add(1, Ordering::Relaxed);
         }
         Ok(Sent::ServerClosed(code)) => {
             stats.server_closed_early.fetch_add(1, Ordering::Relaxed);
@@ -251,6 +360,7 @@ fn write_error_reason(e: &WebSocketError) -> String {
 }
 
 /// The sending half of a call. Returns how it ended or a short error reason.
+#[allow(clippy::too_many_arguments)]
 async fn send_call<W>(
     env: &StreamEnv,
     index: u64,
@@ -259,6 +369,7 @@ async fn send_call<W>(
     wr: &mut fastwebsockets::WebSocketWrite<W>,
     ctl: &mut mpsc::Receiver<Control>,
     out: &mut StreamOutcome,
+    mut down: Option<&mut DownWriter>,
 ) -> Result<Sent, String>
 where
     W: tokio::io::AsyncWrite + Unpin,
@@ -314,7 +425,13 @@ where
         } else if env.stop.load(Ordering::Relaxed) {
             break;
         }
-        let lag = schedule.wait(k).await;
+        let lag = match down.as_deref_mut() {
+            None => schedule.wait(k).await,
+            Some(d) => {
+                let mut c = (&mut seq, &mut sent_msgs, &mut sent_bytes);
+                wait_echoing(&schedule, k, d, msg, wr, &mut c).await?
+            }
+        };
         if !schedule.is_flood() {
             stats.send_lag.record(index as usize, lag);
         }
@@ -409,4 +526,184 @@ fn flush_stats(
         .media_sent
         .fetch_add(media - *media_published, Ordering::Relaxed);
     *media_published = media;
+}
+
+/// The reader's side of a bidirectional stream.
+struct DownReader {
+    shared: Arc<Shared>,
+    tx: DownlinkSender,
+    stream: u64,
+    sid: String,
+    /// A fragmented text message being reassembled: first fragment's stamp and the bytes.
+    frag: Option<(Instant, Vec<u8>)>,
+}
+
+impl DownReader {
+    /// Handles one data frame stamped `at`: reassembles fragments (capped), then parses,
+    /// updates the playout model, nudges the writer and logs the frame.
+    async fn frame(&mut self, at: Instant, op: OpCode, fin: bool, payload: &[u8], st: &RunStats) {
+        match op {
+            OpCode::Binary => {
+                return self
+                    .log(
+                        at,
+                        RxItem::Invalid {
+                            reason: "binary_frame",
+                        },
+                        st,
+                    )
+                    .await;
+            }
+            OpCode::Text if !fin => {
+                self.frag = Some((at, payload.to_vec()));
+                return;
+            }
+            OpCode::Continuation => {
+                let Some((first, mut buf)) = self.frag.take() else {
+                    return self
+                        .log(
+                            at,
+                            RxItem::Invalid {
+                                reason: "stray_continuation",
+                            },
+                            st,
+                        )
+                        .await;
+                };
+                if buf.len() + payload.len() > MAX_MESSAGE_BYTES {
+                    return self
+                        .log(
+                            first,
+                            RxItem::Invalid {
+                                reason: "message_too_big",
+                            },
+                            st,
+                        )
+                        .await;
+                }
+                buf.extend_from_slice(payload);
+                if fin {
+                    self.text(first, &buf, st).await;
+                } else {
+                    self.frag = Some((first, buf));
+                }
+                return;
+            }
+            _ => {}
+        }
+        self.text(at, payload, st).await;
+    }
+
+    async fn text(&mut self, at: Instant, text: &[u8], st: &RunStats) {
+        let item = match parse_server_message(text, &self.sid) {
+            Ok(ServerMessage::Media(ulaw)) => {
+                if let Ok(mut m) = self.shared.model.lock() {
+                    m.media(at, ulaw.len());
+                }
+                RxItem::Media { ulaw }
+            }
+            Ok(ServerMessage::Mark(name)) => {
+                if let Ok(mut m) = self.shared.model.lock() {
+                    m.mark(at, name.clone());
+                }
+                self.shared.nudge.notify_one();
+                RxItem::Mark { name }
+            }
+            Ok(ServerMessage::Clear) => {
+                if let Ok(mut m) = self.shared.model.lock() {
+                    m.clear(at);
+                }
+                self.shared.nudge.notify_one();
+                RxItem::Clear
+            }
+            Err(reason) => RxItem::Invalid { reason },
+        };
+        self.log(at, item, st).await;
+    }
+
+    async fn log(&self, at: Instant, item: RxItem, st: &RunStats) {
+        if let RxItem::Invalid { .. } = item {
+            st.downlink_invalid.fetch_add(1, Ordering::Relaxed);
+        }
+        self.tx
+            .send(DlMsg::Rx {
+                stream: self.stream,
+                at: at.into_std(),
+                item,
+            })
+            .await;
+    }
+}
+
+/// Counters the writer keeps locally: sequence number, messages and bytes sent.
+type Counters<'a> = (&'a mut u64, &'a mut u64, &'a mut u64);
+
+/// Waits for chunk `k` like [`Schedule::wait`], writing mark echoes as they fall due in the
+/// meantime; returns how late the tick is.
+async fn wait_echoing<W>(
+    schedule: &Schedule,
+    k: u64,
+    d: &mut DownWriter,
+    msg: &mut MessageBuilder,
+    wr: &mut fastwebsockets::WebSocketWrite<W>,
+    c: &mut Counters<'_>,
+) -> Result<Duration, String>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let due = schedule.due(k);
+    loop {
+        write_echoes(d, msg, wr, c).await?;
+        let now = Instant::now();
+        if schedule.is_flood() {
+            return Ok(Duration::ZERO);
+        }
+        if now >= due {
+            return Ok(now - due);
+        }
+        let next_mark = d.shared.model.lock().ok().and_then(|m| m.next_due());
+        let wake = next_mark.map_or(due, |m| m.min(due));
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = d.shared.nudge.notified() => {}
+        }
+    }
+}
+
+/// Writes every echo due now, each logged (stamped) before it is written.
+async fn write_echoes<W>(
+    d: &mut DownWriter,
+    msg: &mut MessageBuilder,
+    wr: &mut fastwebsockets::WebSocketWrite<W>,
+    c: &mut Counters<'_>,
+) -> Result<(), String>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut echoes = std::mem::take(&mut d.echoes);
+    if let Ok(mut m) = d.shared.model.lock() {
+        m.take(Instant::now(), &mut echoes);
+    }
+    if echoes.is_empty() {
+        d.echoes = echoes;
+        return Ok(());
+    }
+    for e in echoes.drain(..) {
+        *c.0 += 1;
+        d.tx.send(DlMsg::Echo {
+            stream: d.stream,
+            at: Instant::now().into_std(),
+            name: e.name.clone(),
+            played: e.played,
+        })
+        .await;
+        let m = msg.mark(*c.0, &e.name);
+        *c.2 += m.len() as u64;
+        wr.write_frame(Frame::text(Payload::BorrowedMut(m)))
+            .await
+            .map_err(|e| write_error_reason(&e))?;
+        *c.1 += 1;
+    }
+    d.echoes = echoes;
+    wr.flush().await.map_err(|e| write_error_reason(&e))
 }

@@ -3,22 +3,34 @@
 //! [`Ledger`] is the pure accounting: it is told what every stream sent (through a
 //! [`Registrar`]) and fed the records read back, and counts per stream and track, by chunk
 //! number: received, missing, duplicated, out of order, PCM mismatches (bit-exact against
-//! the G.711 decode of what was sent) and end-to-end latency (consume time − scheduled send
-//! time of the chunk). [`KafkaVerifier`] runs a `BaseConsumer` on its own thread, assigned
-//! (no consumer group) to every partition of `<prefix>.audio.inbound`,
-//! `<prefix>.audio.outbound` and `<prefix>.events` at the high watermarks captured before
-//! the run starts.
+//! the G.711 decode of what was sent) and end-to-end latency (receipt time − scheduled send
+//! time of the chunk).
+//!
+//! [`KafkaVerifier`] keeps the measurement apart from the checking, so the harness does not
+//! measure itself: a consume loop (`verify-rx`) assigned (no consumer group) to every
+//! partition of `<prefix>.audio.inbound`, `<prefix>.audio.outbound` and `<prefix>.events` at
+//! the high watermarks captured before the run starts only polls, stamps each record on
+//! receipt and hands it over a bounded queue to the verification thread (`verify`), which
+//! owns the ledger. How long records waited in that queue, whether the consume loop ever
+//! blocked on it, and the consumer's broker-side lag (high watermark − position, sampled on a
+//! separate client) are all reported ([`HarnessLag`]). With a [`ProbeConfig`], a separate
+//! light consumer on one partition ([`crate::probe`]) times the same records without any
+//! verification, and [`LatencyAttribution`] puts the two side by side.
 
 use crate::audio::{ChunkTable, CHUNK_BYTES, ULAW_TO_PCM};
+use crate::consume::{
+    assign_at_end, low_latency_consumer, topic_index, ConsumerLag, LagSampler, LagTracker,
+    RawRecord,
+};
 use crate::message::Track;
 use crate::pacing::CHUNK_PERIOD;
+use crate::probe::{LatencyProbe, ProbeConfig, ProbeSummary};
 use crate::stats::{chart_buckets, new_histogram, Percentiles};
 use hdrhistogram::Histogram;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::message::Message;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,7 +55,7 @@ pub struct StreamReg {
 }
 
 /// Messages from stream tasks (and the runner) to the verifier thread.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum RegMsg {
     /// A stream began sending media.
     Start(StreamReg),
@@ -54,6 +66,12 @@ pub enum RegMsg {
         /// Chunks sent, `[inbound, outbound]`.
         sent: [u64; 2],
     },
+    /// The server ended this stream first, normally (a `stop` record on a bidirectional
+    /// stream): chunks sent after it stopped reading are not loss.
+    ServerClosed {
+        /// Stream SID.
+        sid: String,
+    },
     /// All streams are done: stop after `grace`, or sooner once nothing is missing.
     Finish {
         /// Longest wait for late records.
@@ -61,23 +79,53 @@ pub enum RegMsg {
     },
 }
 
-/// Sending side of the registration channel; cloned into every stream.
+/// Sending side of the registration channels; cloned into every stream.
 ///
 /// Unbounded by design: it carries two small messages per stream, so its size is bounded
-/// by the number of streams, and a stream must never block on the verifier.
+/// by the number of streams, and a stream must never block on the verifier. Every message
+/// goes to each listener (the verifier, and the latency probe when there is one).
 #[derive(Debug, Clone)]
-pub struct Registrar(mpsc::Sender<RegMsg>);
+pub struct Registrar(Vec<mpsc::Sender<RegMsg>>);
 
 impl Registrar {
+    /// A registrar feeding `listeners`.
+    pub fn new(listeners: Vec<mpsc::Sender<RegMsg>>) -> Self {
+        Registrar(listeners)
+    }
+
+    fn send(&self, msg: RegMsg) {
+        if let Some((last, rest)) = self.0.split_last() {
+            for tx in rest {
+                let _ = tx.send(msg.clone());
+            }
+            let _ = last.send(msg);
+        }
+    }
+
     /// Registers a stream's start.
     pub fn start(&self, reg: StreamReg) {
-        let _ = self.0.send(RegMsg::Start(reg));
+        self.send(RegMsg::Start(reg));
     }
 
     /// Reports what a stream sent in total.
     pub fn finished(&self, sid: String, sent: [u64; 2]) {
-        let _ = self.0.send(RegMsg::Finished { sid, sent });
+        self.send(RegMsg::Finished { sid, sent });
     }
+
+    /// Reports that the server ended the stream first, normally (before `finished`).
+    pub fn server_closed(&self, sid: String) {
+        self.send(RegMsg::ServerClosed { sid });
+    }
+}
+
+/// Instant at which chunk `chunk` (from 1) of a registered stream was scheduled to be sent
+/// (the stream's start in flood mode, where there is no schedule).
+pub fn chunk_due(reg: &StreamReg, chunk: u64) -> Instant {
+    if reg.flood {
+        return reg.start;
+    }
+    let period = CHUNK_PERIOD.as_nanos() as f64 / reg.speed;
+    reg.start + Duration::from_nanos((chunk.saturating_sub(1) as f64 * period).round() as u64)
 }
 
 /// Set of received chunk indices (0-based), compacted below the first gap.
@@ -151,6 +199,8 @@ struct StreamLedger {
     tracks: [TrackLedger; 2],
     start_event: bool,
     end_event: bool,
+    /// The server ended the stream first: an unread tail is not loss.
+    server_closed: bool,
 }
 
 /// Payload encoding named by the `encoding` header.
@@ -196,6 +246,9 @@ pub struct TrackTotals {
     pub pcm_mismatches: u64,
     /// Chunks read back that were never sent (number beyond what the stream sent).
     pub unexpected: u64,
+    /// Chunks sent after the server ended the stream (a `stop` record) and never
+    /// published: not expected, not missing.
+    pub unread_after_server_close: u64,
 }
 
 /// Verification results of a run.
@@ -221,7 +274,8 @@ pub struct VerifySummary {
     pub foreign_records: u64,
     /// Records with missing or unparsable headers.
     pub malformed_records: u64,
-    /// End-to-end latency per chunk: consume time − scheduled send time.
+    /// End-to-end latency per chunk: receipt time (stamped by the consume loop before any
+    /// checking) − scheduled send time. Includes the verifying consumer's own fetch lag.
     pub latency: Percentiles,
     /// Latency chart buckets `(upper ms, count)`.
     pub latency_buckets: Vec<(f64, u64)>,
@@ -237,6 +291,89 @@ pub struct VerifySummary {
     pub missing_topics: Vec<String>,
     /// Latency is measured from stream start because the run was in flood mode.
     pub flood_latency_from_start: bool,
+    /// The verifying consumer's own lag: what part of `latency` is the harness.
+    pub harness: HarnessLag,
+    /// The full verifier's latency restricted to the latency probe's partition (the same
+    /// records the probe timed); empty without a probe.
+    pub latency_probe_partition: Percentiles,
+    /// The sampled latency probe, when `--latency-probe` was given.
+    pub probe: Option<ProbeSummary>,
+    /// Probe against full verifier on the same records: how much of the end-to-end figure
+    /// is the harness's own lag.
+    pub attribution: Option<LatencyAttribution>,
+}
+
+/// How far behind the verifying consumer itself ran.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HarnessLag {
+    /// Time records waited between receipt (stamp) and verification.
+    pub receipt_to_verify: Percentiles,
+    /// Capacity of the receipt → verification queue, records.
+    pub queue_capacity: u64,
+    /// Deepest the queue got, records.
+    pub queue_max_depth: u64,
+    /// Time the consume loop spent blocked on a full queue (stamps after that are late).
+    pub receiver_blocked_ms: f64,
+    /// Times the consume loop found the queue full.
+    pub receiver_blocked_times: u64,
+    /// Records the consume loop received (all topics).
+    pub records_received: u64,
+    /// Broker-side backlog of the consume loop, sampled against high watermarks.
+    pub consumer_lag: ConsumerLag,
+}
+
+/// The probe's latency against the full verifier's on the same partition.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LatencyAttribution {
+    /// Topic and partition both measured.
+    pub sample: String,
+    /// Chunks the probe timed.
+    pub probe_count: u64,
+    /// Chunks the full verifier timed on that partition.
+    pub verifier_count: u64,
+    /// Probe (light consumer, send → receipt), p50 ms.
+    pub probe_p50_ms: f64,
+    /// Probe p99 ms.
+    pub probe_p99_ms: f64,
+    /// Full verifier on the same partition (send → receipt), p50 ms.
+    pub verifier_p50_ms: f64,
+    /// Full verifier on the same partition, p99 ms.
+    pub verifier_p99_ms: f64,
+    /// Full verifier over all partitions, p50 ms.
+    pub verifier_all_p50_ms: f64,
+    /// Full verifier over all partitions, p99 ms.
+    pub verifier_all_p99_ms: f64,
+    /// verifier − probe at p50: the harness's own share, ms.
+    pub harness_p50_ms: f64,
+    /// verifier − probe at p99, ms.
+    pub harness_p99_ms: f64,
+    /// Gateway receive (`received_at_us`) → probe receipt, p50 ms: the Kafka path alone.
+    pub gateway_to_receipt_p50_ms: f64,
+    /// Gateway receive → probe receipt, p99 ms.
+    pub gateway_to_receipt_p99_ms: f64,
+}
+
+impl LatencyAttribution {
+    /// Compares `probe` with the verifier's figures of `summary`.
+    pub fn of(summary: &VerifySummary, probe: &ProbeSummary) -> Self {
+        let v = &summary.latency_probe_partition;
+        let p = &probe.send_to_receipt;
+        LatencyAttribution {
+            sample: format!("{} partition {}", probe.topic, probe.partition),
+            probe_count: p.count,
+            verifier_count: v.count,
+            probe_p50_ms: p.p50_ms,
+            probe_p99_ms: p.p99_ms,
+            verifier_p50_ms: v.p50_ms,
+            verifier_p99_ms: v.p99_ms,
+            verifier_all_p50_ms: summary.latency.p50_ms,
+            verifier_all_p99_ms: summary.latency.p99_ms,
+            harness_p50_ms: ((v.p50_ms - p.p50_ms) * 1000.0).round() / 1000.0,
+            harness_p99_ms: ((v.p99_ms - p.p99_ms) * 1000.0).round() / 1000.0,
+            gateway_to_receipt_p50_ms: probe.gateway_to_receipt.p50_ms,
+            gateway_to_receipt_p99_ms: probe.gateway_to_receipt.p99_ms,
+        }
+    }
 }
 
 /// Pure accounting of what was sent against what was read back.
@@ -245,6 +382,8 @@ pub struct Ledger {
     audio: Arc<ChunkTable>,
     streams: HashMap<String, StreamLedger>,
     latency: Histogram<u64>,
+    /// Latency of the records on the latency probe's partition only.
+    latency_sampled: Histogram<u64>,
     summary: VerifySummary,
     /// Live mirror of the latency histogram, when someone watches windows of it.
     mirror: Option<Arc<VerifyProgress>>,
@@ -257,6 +396,7 @@ impl Ledger {
             audio,
             streams: HashMap::new(),
             latency: new_histogram(),
+            latency_sampled: new_histogram(),
             summary: VerifySummary::default(),
             mirror: None,
         }
@@ -277,12 +417,18 @@ impl Ledger {
                         tracks: Default::default(),
                         start_event: false,
                         end_event: false,
+                        server_closed: false,
                     },
                 );
             }
             RegMsg::Finished { sid, sent } => {
                 if let Some(s) = self.streams.get_mut(&sid) {
                     s.sent = Some(sent);
+                }
+            }
+            RegMsg::ServerClosed { sid } => {
+                if let Some(s) = self.streams.get_mut(&sid) {
+                    s.server_closed = true;
                 }
             }
             RegMsg::Finish { .. } => {}
@@ -294,8 +440,14 @@ impl Ledger {
         self.streams.contains_key(sid)
     }
 
-    /// Accounts one audio record consumed at `at`.
+    /// Accounts one audio record received at `at`.
     pub fn audio(&mut self, rec: AudioRecord<'_>, at: Instant) {
+        self.audio_in(rec, at, false);
+    }
+
+    /// Accounts one audio record received at `at`; `sampled` records also feed the
+    /// latency histogram of the probe's partition (the same records the probe times).
+    pub fn audio_in(&mut self, rec: AudioRecord<'_>, at: Instant, sampled: bool) {
         self.summary.audio_records += 1;
         let Some(s) = self.streams.get_mut(rec.sid) else {
             self.summary.foreign_records += 1;
@@ -343,14 +495,12 @@ impl Ledger {
                 t.mismatched += 1;
             }
             // Latency against the schedule of this chunk.
-            let due = if s.reg.flood {
-                s.reg.start
-            } else {
-                let period = CHUNK_PERIOD.as_nanos() as f64 / s.reg.speed;
-                s.reg.start + Duration::from_nanos(((chunk - 1) as f64 * period).round() as u64)
-            };
+            let due = chunk_due(&s.reg, chunk);
             let us = (at.saturating_duration_since(due).as_micros() as u64).clamp(1, 3_600_000_000);
             let _ = self.latency.record(us);
+            if sampled {
+                let _ = self.latency_sampled.record(us);
+            }
             if let Some(m) = &self.mirror {
                 if let Ok(mut h) = m.latency.lock() {
                     let _ = h.record(us);
@@ -399,7 +549,14 @@ impl Ledger {
         self.streams.values().all(|s| {
             s.end_event
                 && s.sent.is_some_and(|sent| {
-                    (0..2).all(|t| s.tracks[t].seen.count_below(sent[t]) == sent[t])
+                    (0..2).all(|t| {
+                        let expect = if s.server_closed {
+                            s.tracks[t].max_chunk.min(sent[t])
+                        } else {
+                            sent[t]
+                        };
+                        s.tracks[t].seen.count_below(expect) == expect
+                    })
                 })
         })
     }
@@ -425,9 +582,18 @@ impl Ledger {
                 } else {
                     &mut out.outbound
                 };
-                dst.expected += sent[t];
+                // A stream the server ended may leave a tail it never read; a gap below
+                // the last chunk it published is still loss.
+                let read_upto = tl.max_chunk.min(sent[t]);
+                let tail = if s.server_closed && tl.seen.count_below(read_upto) == read_upto {
+                    sent[t] - read_upto
+                } else {
+                    0
+                };
+                dst.expected += sent[t] - tail;
+                dst.unread_after_server_close += tail;
                 dst.received += got;
-                dst.missing += sent[t] - got;
+                dst.missing += sent[t] - tail - got;
                 dst.duplicated += tl.duplicated;
                 dst.out_of_order += tl.out_of_order;
                 dst.pcm_mismatches += tl.mismatched;
@@ -443,9 +609,11 @@ impl Ledger {
             out_of_order: i.out_of_order + o.out_of_order,
             pcm_mismatches: i.pcm_mismatches + o.pcm_mismatches,
             unexpected: i.unexpected + o.unexpected,
+            unread_after_server_close: i.unread_after_server_close + o.unread_after_server_close,
         };
         out.latency = Percentiles::of(&self.latency);
         out.latency_buckets = chart_buckets(&self.latency);
+        out.latency_probe_partition = Percentiles::of(&self.latency_sampled);
         out
     }
 }
@@ -467,13 +635,39 @@ pub struct VerifyConfig {
     pub topic_prefix: String,
 }
 
-/// Live counters the verifier thread publishes.
+/// How the verifier measures itself, beyond what it reads.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Run the sampled latency probe beside the verifier.
+    pub latency_probe: Option<ProbeConfig>,
+    /// Interval of the consumer-lag samples.
+    pub lag_every: Duration,
+    /// Capacity of the receipt → verification queue, records. When it is full the consume
+    /// loop waits (memory stays bounded) and the wait is reported.
+    pub queue_capacity: usize,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions {
+            latency_probe: None,
+            lag_every: Duration::from_secs(1),
+            queue_capacity: 65_536,
+        }
+    }
+}
+
+/// Live counters the verifier threads publish.
 #[derive(Debug)]
 pub struct VerifyProgress {
-    /// Audio chunks read back so far.
+    /// Audio chunks verified so far.
     pub chunks_received: AtomicU64,
     /// Copy of the latency histogram (µs) for windowed percentiles (ramp steps).
     pub latency: Mutex<Histogram<u64>>,
+    /// Records waiting between receipt and verification.
+    pub queue_depth: AtomicU64,
+    /// Consumer lag at the last sample, records (shared with the lag sampler).
+    pub consumer_lag: Arc<AtomicI64>,
 }
 
 impl Default for VerifyProgress {
@@ -481,74 +675,118 @@ impl Default for VerifyProgress {
         VerifyProgress {
             chunks_received: AtomicU64::new(0),
             latency: Mutex::new(new_histogram()),
+            queue_depth: AtomicU64::new(0),
+            consumer_lag: Arc::new(AtomicI64::new(0)),
         }
     }
 }
 
-/// Handle to the verifier thread.
+/// Handle to the verifier threads: a consume loop that only stamps and copies records, a
+/// verification thread that owns the [`Ledger`], a lag sampler, and optionally the probe.
 pub struct KafkaVerifier {
     tx: mpsc::Sender<RegMsg>,
     progress: Arc<VerifyProgress>,
     thread: std::thread::JoinHandle<VerifySummary>,
+    probe: Option<LatencyProbe>,
+}
+
+/// What the consume loop reports when it stops.
+#[derive(Debug, Default)]
+struct ReceiveStats {
+    blocked: Duration,
+    blocked_times: u64,
+    errors: u64,
 }
 
 impl KafkaVerifier {
+    /// [`KafkaVerifier::start_with`] with default options (no probe).
+    pub fn start(cfg: &VerifyConfig, audio: Arc<ChunkTable>) -> Result<Self, VerifyError> {
+        Self::start_with(cfg, audio, &VerifyOptions::default())
+    }
+
     /// Connects, captures the high watermarks, assigns, and starts consuming. Blocking
     /// (metadata round trips): call it from `spawn_blocking` or before the runtime is busy.
-    pub fn start(cfg: &VerifyConfig, audio: Arc<ChunkTable>) -> Result<Self, VerifyError> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &cfg.brokers)
-            .set("group.id", "loadtest-verify")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", "latest")
-            .set("fetch.wait.max.ms", "10")
-            .set("fetch.min.bytes", "1")
-            .create()?;
-        let timeout = Duration::from_secs(10);
-        let inbound = format!("{}.audio.inbound", cfg.topic_prefix);
-        let outbound = format!("{}.audio.outbound", cfg.topic_prefix);
-        let events = format!("{}.events", cfg.topic_prefix);
-        let mut tpl = TopicPartitionList::new();
-        let mut missing_topics = Vec::new();
-        for topic in [&inbound, &outbound, &events] {
-            let md = consumer.fetch_metadata(Some(topic), timeout)?;
-            let parts: Vec<i32> = md
-                .topics()
-                .iter()
-                .filter(|t| t.name() == topic.as_str() && t.error().is_none())
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
-            if parts.is_empty() {
-                missing_topics.push(topic.clone());
-                continue;
-            }
-            for p in parts {
-                let (_low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-                tpl.add_partition_offset(topic, p, Offset::Offset(high))?;
-            }
-        }
-        consumer.assign(&tpl)?;
+    pub fn start_with(
+        cfg: &VerifyConfig,
+        audio: Arc<ChunkTable>,
+        opts: &VerifyOptions,
+    ) -> Result<Self, VerifyError> {
+        let consumer: BaseConsumer = low_latency_consumer(&cfg.brokers, 10).create()?;
+        let topics = vec![
+            format!("{}.audio.inbound", cfg.topic_prefix),
+            format!("{}.audio.outbound", cfg.topic_prefix),
+            format!("{}.events", cfg.topic_prefix),
+        ];
+        let assignment = assign_at_end(&consumer, &topics, None)?;
+        let tracker = Arc::new(LagTracker::new(&assignment));
+        let sampler = LagSampler::start(&cfg.brokers, tracker.clone(), opts.lag_every, "verify")?;
+        let probe = match &opts.latency_probe {
+            Some(p) => Some(LatencyProbe::start(cfg, p, opts.lag_every)?),
+            None => None,
+        };
 
         let (tx, rx) = mpsc::channel();
-        let progress = Arc::new(VerifyProgress::default());
+        let progress = Arc::new(VerifyProgress {
+            consumer_lag: sampler.live.clone(),
+            ..Default::default()
+        });
         let prog = progress.clone();
+        let cap = opts.queue_capacity.max(1);
+        let sampled = opts.latency_probe.as_ref().map(|p| (0usize, p.partition));
+        let missing_topics = assignment.missing_topics.clone();
         let thread = std::thread::Builder::new()
             .name("verify".into())
             .spawn(move || {
+                let (rec_tx, rec_rx) = mpsc::sync_channel::<RawRecord>(cap);
+                let stop = Arc::new(AtomicBool::new(false));
+                let rx_thread = {
+                    let (stop, tracker, prog) = (stop.clone(), tracker.clone(), prog.clone());
+                    std::thread::Builder::new()
+                        .name("verify-rx".into())
+                        .spawn(move || {
+                            receive_loop(&consumer, &topics, &tracker, &rec_tx, &stop, &prog)
+                        })
+                };
                 let mut ledger = Ledger::new(audio);
                 ledger.summary.missing_topics = missing_topics;
                 ledger.mirror = Some(prog.clone());
-                consume_loop(
-                    &consumer,
-                    &rx,
-                    &mut ledger,
-                    &prog,
-                    &inbound,
-                    &outbound,
-                    &events,
-                );
-                ledger.summary()
+                let Ok(rx_thread) = rx_thread else {
+                    ledger.summary.consumer_errors += 1;
+                    return ledger.summary();
+                };
+                let mut v = Verification {
+                    ledger,
+                    regs: rx,
+                    deadline: None,
+                    progress: prog,
+                    queue_delay: new_histogram(),
+                    max_depth: 0,
+                    sampled,
+                };
+                v.run(&rec_rx);
+                // Stop the consume loop, then verify what it already stamped.
+                stop.store(true, Ordering::Relaxed);
+                while !rx_thread.is_finished() {
+                    if let Ok(r) = rec_rx.recv_timeout(Duration::from_millis(10)) {
+                        v.record(r);
+                    }
+                }
+                while let Ok(r) = rec_rx.try_recv() {
+                    v.record(r);
+                }
+                let rs = rx_thread.join().unwrap_or_default();
+                let mut summary = v.ledger.summary();
+                summary.consumer_errors += rs.errors;
+                summary.harness = HarnessLag {
+                    receipt_to_verify: Percentiles::of(&v.queue_delay),
+                    queue_capacity: cap as u64,
+                    queue_max_depth: v.max_depth,
+                    receiver_blocked_ms: rs.blocked.as_secs_f64() * 1000.0,
+                    receiver_blocked_times: rs.blocked_times,
+                    records_received: tracker.received.load(Ordering::Relaxed),
+                    consumer_lag: sampler.finish(),
+                };
+                summary
             })
             .map_err(|e| {
                 VerifyError::Kafka(rdkafka::error::KafkaError::ClientCreation(e.to_string()))
@@ -557,12 +795,17 @@ impl KafkaVerifier {
             tx,
             progress,
             thread,
+            probe,
         })
     }
 
-    /// A registrar for stream tasks.
+    /// A registrar for stream tasks (feeds the probe too, when there is one).
     pub fn registrar(&self) -> Registrar {
-        Registrar(self.tx.clone())
+        let mut l = vec![self.tx.clone()];
+        if let Some(p) = &self.probe {
+            l.push(p.sender());
+        }
+        Registrar::new(l)
     }
 
     /// Live counters.
@@ -573,121 +816,165 @@ impl KafkaVerifier {
     /// Waits up to `grace` for outstanding records and returns the results. Blocking.
     pub fn finish(self, grace: Duration) -> VerifySummary {
         let _ = self.tx.send(RegMsg::Finish { grace });
-        self.thread.join().unwrap_or_default()
+        let mut summary = self.thread.join().unwrap_or_default();
+        if let Some(p) = self.probe {
+            let ps = p.finish();
+            summary.attribution = Some(LatencyAttribution::of(&summary, &ps));
+            summary.probe = Some(ps);
+        }
+        summary
     }
 }
 
-/// Polls until told to finish and the grace period is over (or nothing is missing).
-fn consume_loop(
+/// The consume loop: poll, stamp, copy, hand over. Nothing else happens here.
+fn receive_loop(
     consumer: &BaseConsumer,
-    rx: &mpsc::Receiver<RegMsg>,
-    ledger: &mut Ledger,
+    topics: &[String],
+    tracker: &LagTracker,
+    tx: &mpsc::SyncSender<RawRecord>,
+    stop: &AtomicBool,
     progress: &VerifyProgress,
-    inbound: &str,
-    outbound: &str,
-    events: &str,
-) {
-    let mut deadline: Option<Instant> = None;
-    let mut last_check = Instant::now();
-    loop {
-        while let Ok(m) = rx.try_recv() {
-            match m {
-                RegMsg::Finish { grace } => deadline = Some(Instant::now() + grace),
-                other => ledger.apply(other),
-            }
-        }
-        if let Some(d) = deadline {
-            let now = Instant::now();
-            if now >= d {
-                break;
-            }
-            if now.duration_since(last_check) > Duration::from_millis(200) {
-                last_check = now;
-                if ledger.complete() {
-                    break;
-                }
-            }
-        }
-        let Some(res) = consumer.poll(Duration::from_millis(50)) else {
+) -> ReceiveStats {
+    let mut st = ReceiveStats::default();
+    while !stop.load(Ordering::Relaxed) {
+        let Some(res) = consumer.poll(Duration::from_millis(20)) else {
             continue;
         };
         let at = Instant::now();
         let msg = match res {
             Ok(m) => m,
             Err(_) => {
-                ledger.summary.consumer_errors += 1;
+                st.errors += 1;
                 continue;
             }
         };
-        let payload = msg.payload().unwrap_or(&[]);
-        if msg.topic() == events {
-            // Registrations may lag the first records of a stream: drain them first.
-            while let Ok(m) = rx.try_recv() {
-                match m {
-                    RegMsg::Finish { grace } => deadline = Some(Instant::now() + grace),
-                    other => ledger.apply(other),
+        let topic = topic_index(topics, msg.topic()).unwrap_or(usize::MAX);
+        tracker.received(topic, msg.partition(), msg.offset());
+        let raw = RawRecord::capture(at, topic, &msg);
+        drop(msg);
+        progress.queue_depth.fetch_add(1, Ordering::Relaxed);
+        match tx.try_send(raw) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(raw)) => {
+                let t = Instant::now();
+                st.blocked_times += 1;
+                if tx.send(raw).is_err() {
+                    break;
                 }
+                st.blocked += t.elapsed();
             }
-            ledger.event(payload);
-            continue;
+            Err(mpsc::TrySendError::Disconnected(_)) => break,
         }
-        let topic_track = if msg.topic() == inbound {
-            Some(Track::Inbound)
-        } else if msg.topic() == outbound {
-            Some(Track::Outbound)
-        } else {
-            None
-        };
-        let key = msg.key().and_then(|k| std::str::from_utf8(k).ok());
-        match parse_audio(key, topic_track, msg.headers(), payload) {
-            Some(rec) => {
-                if !ledger.knows(rec.sid) {
-                    while let Ok(m) = rx.try_recv() {
-                        match m {
-                            RegMsg::Finish { grace } => deadline = Some(Instant::now() + grace),
-                            other => ledger.apply(other),
-                        }
+    }
+    st
+}
+
+/// The verification side: registrations, the ledger and the finish logic.
+struct Verification {
+    ledger: Ledger,
+    regs: mpsc::Receiver<RegMsg>,
+    deadline: Option<Instant>,
+    progress: Arc<VerifyProgress>,
+    queue_delay: Histogram<u64>,
+    max_depth: u64,
+    /// `(topic index, partition)` the latency probe also reads.
+    sampled: Option<(usize, i32)>,
+}
+
+impl Verification {
+    fn drain_regs(&mut self) {
+        while let Ok(m) = self.regs.try_recv() {
+            match m {
+                RegMsg::Finish { grace } => self.deadline = Some(Instant::now() + grace),
+                other => self.ledger.apply(other),
+            }
+        }
+    }
+
+    /// Verifies until told to finish and the grace period is over (or nothing is missing).
+    fn run(&mut self, records: &mpsc::Receiver<RawRecord>) {
+        let mut last_check = Instant::now();
+        loop {
+            self.drain_regs();
+            if let Some(d) = self.deadline {
+                let now = Instant::now();
+                if now >= d {
+                    break;
+                }
+                if now.duration_since(last_check) > Duration::from_millis(200) {
+                    last_check = now;
+                    if self.ledger.complete() {
+                        break;
                     }
                 }
-                progress
-                    .chunks_received
-                    .fetch_add(rec.chunks, Ordering::Relaxed);
-                ledger.audio(rec, at);
             }
-            None => ledger.malformed(),
+            match records.recv_timeout(Duration::from_millis(20)) {
+                Ok(r) => self.record(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    }
+
+    /// Verifies one stamped record.
+    fn record(&mut self, raw: RawRecord) {
+        let depth = self.progress.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        self.max_depth = self.max_depth.max(depth);
+        let waited = Instant::now().saturating_duration_since(raw.at);
+        let _ = self
+            .queue_delay
+            .record((waited.as_micros() as u64).clamp(1, 3_600_000_000));
+        match raw.topic {
+            2 => {
+                // Registrations may lag the first records of a stream: drain them first.
+                self.drain_regs();
+                self.ledger.event(raw.payload());
+            }
+            0 | 1 => {
+                let topic_track = if raw.topic == 0 {
+                    Track::Inbound
+                } else {
+                    Track::Outbound
+                };
+                match parse_audio(&raw, topic_track) {
+                    Some(rec) => {
+                        if !self.ledger.knows(rec.sid) {
+                            self.drain_regs();
+                        }
+                        self.progress
+                            .chunks_received
+                            .fetch_add(rec.chunks, Ordering::Relaxed);
+                        let sampled = self.sampled == Some((raw.topic, raw.partition));
+                        self.ledger.audio_in(rec, raw.at, sampled);
+                    }
+                    None => self.ledger.malformed(),
+                }
+            }
+            _ => self.ledger.malformed(),
         }
     }
 }
 
 /// Reads the contract's headers into an [`AudioRecord`].
-fn parse_audio<'a, H: Headers>(
-    key: Option<&'a str>,
-    topic_track: Option<Track>,
-    headers: Option<&'a H>,
-    payload: &'a [u8],
-) -> Option<AudioRecord<'a>> {
-    let mut sid = key;
-    let mut track = topic_track;
+pub fn parse_audio(raw: &RawRecord, topic_track: Track) -> Option<AudioRecord<'_>> {
+    let mut sid = raw.key_str();
+    let mut track = Some(topic_track);
     let mut chunk = None;
     let mut chunks = 1u64;
     let mut encoding = Encoding::PcmS16le;
-    if let Some(h) = headers {
-        for i in 0..h.count() {
-            let Some(hd) = h.try_get(i) else { continue };
-            let Some(v) = hd.value else { continue };
-            match hd.key {
-                "stream_sid" if sid.is_none() => sid = std::str::from_utf8(v).ok(),
-                "track" => track = Track::parse(v).or(track),
-                "chunk" => chunk = std::str::from_utf8(v).ok()?.parse().ok(),
-                "chunks" => chunks = std::str::from_utf8(v).ok()?.parse().ok()?,
-                "encoding" => {
-                    encoding = match v {
-                        b"mulaw" => Encoding::Mulaw,
-                        _ => Encoding::PcmS16le,
-                    }
+    for (k, v) in raw.headers() {
+        match k {
+            "stream_sid" if sid.is_none() => sid = std::str::from_utf8(v).ok(),
+            "track" => track = Track::parse(v).or(track),
+            "chunk" => chunk = std::str::from_utf8(v).ok()?.parse().ok(),
+            "chunks" => chunks = std::str::from_utf8(v).ok()?.parse().ok()?,
+            "encoding" => {
+                encoding = match v {
+                    b"mulaw" => Encoding::Mulaw,
+                    _ => Encoding::PcmS16le,
                 }
-                _ => {}
             }
+            _ => {}
         }
     }
     Some(AudioRecord {
@@ -696,7 +983,7 @@ fn parse_audio<'a, H: Headers>(
         chunk: chunk?,
         chunks: chunks.max(1),
         encoding,
-        payload,
+        payload: raw.payload(),
     })
 }
 
@@ -850,6 +1137,35 @@ mod tests {
         assert_eq!(h.len(), 1);
         let v = h.max();
         assert!((29_900..=30_100).contains(&v), "{v}");
+    }
+
+    #[test]
+    fn a_tail_unread_after_the_server_ended_the_stream_is_not_loss() {
+        let t = table();
+        let start = Instant::now();
+        let mut l = Ledger::new(t.clone());
+        for sid in ["MZs", "MZg"] {
+            l.apply(RegMsg::Start(reg(sid, start)));
+        }
+        // Both sent 6 chunks; the server ended both. MZs: 1..4 published, a clean tail of
+        // 2. MZg: 1, 2, 4 published: chunk 3 is a gap below the last published, so loss.
+        for (sid, chunks) in [("MZs", &[1u64, 2, 3, 4][..]), ("MZg", &[1, 2, 4])] {
+            for &c in chunks {
+                let p = pcm(&t, 3 + c as usize - 1, 1);
+                l.audio(rec(sid, Track::Inbound, c, 1, &p), start);
+            }
+            l.apply(RegMsg::ServerClosed { sid: sid.into() });
+            l.apply(RegMsg::Finished {
+                sid: sid.into(),
+                sent: [6, 0],
+            });
+            l.event(format!(r#"{{"type":"disconnect","stream_sid":"{sid}"}}"#).as_bytes());
+        }
+        let s = l.summary();
+        assert_eq!(s.inbound.unread_after_server_close, 2);
+        assert_eq!(s.inbound.expected, 4 + 6);
+        assert_eq!(s.inbound.missing, 3);
+        assert!(!l.complete());
     }
 
     #[test]
