@@ -1,7 +1,10 @@
 //! Per-message costs of the hot path on real Twilio `media` messages:
 //! JSON parse (simd-json tape as used by the gateway vs serde_json and simd-json serde),
-//! base64 (base64-simd vs base64), μ-law → PCM, Kafka record building (librdkafka headers),
-//! a librdkafka enqueue, and the whole path (parse + session + record build) per message.
+//! base64 (base64-simd vs base64), μ-law → PCM, and the two halves of the Kafka path:
+//! - the connection side (parse + session + admission + hand-off to the drain thread), which
+//!   is all a connection task does per message;
+//! - the drain side (headers + PCM expansion + `rd_kafka_produceva` into librdkafka's queue),
+//!   which one thread does for every record, compared with rust-rdkafka's `BaseProducer::send`.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -10,10 +13,15 @@ use bench::{media_messages, start_message};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use gateway::events::{Event, StreamIds};
 use gateway::metrics::DropReason;
+use gateway::metrics::Metrics;
 use gateway::protocol::audio::{decode_base64_into, ulaw_to_pcm16le_into};
-use gateway::protocol::{parse, Track};
-use gateway::session::{AudioEncoding, AudioRecord, Publisher, Received, Session, SessionConfig};
-use gateway::sink::publisher::audio_headers;
+use gateway::protocol::parse;
+use gateway::session::{AudioRecord, Publisher, Received, Session, SessionConfig};
+use gateway::sink::delivery::DeliveryContext;
+use gateway::sink::drain::audio_headers_for_bench;
+use gateway::sink::producer::Producer as GwProducer;
+use gateway::sink::{Sink, SinkConfig};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use serde::Deserialize;
@@ -118,74 +126,139 @@ fn ids() -> StreamIds {
     }
 }
 
-fn record_benches(c: &mut Criterion) {
-    let ids = ids();
-    let payload = vec![0u8; 320];
-    let rec = AudioRecord {
-        ids: &ids,
-        track: Track::Inbound,
-        seq: 12345,
-        chunk: 6170,
-        timestamp_ms: 123_400,
-        received_at_us: 1_764_000_000_000_000,
-        received_mono_us: 1,
-        chunks: 1,
-        encoding: AudioEncoding::PcmS16le,
-        payload: &payload,
-    };
-    let mut g = c.benchmark_group("kafka_record");
-    g.throughput(Throughput::Elements(1));
-    g.bench_function("build_headers_and_record", |b| {
-        b.iter(|| {
-            let h = audio_headers(black_box(&rec), "gw-1", false);
-            let r = BaseRecord::<[u8], [u8]>::to("twilio.audio.inbound")
-                .key(SID.as_bytes())
-                .payload(&payload[..])
-                .headers(h);
-            black_box(r);
-        })
-    });
-    g.finish();
-    let mut g = c.benchmark_group("kafka_enqueue");
-    g.throughput(Throughput::Elements(1000));
-    // librdkafka enqueue (copy into its queue) with no reachable broker; purged between batches.
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", "127.0.0.1:1")
+/// The contract's headers as rust-rdkafka `OwnedHeaders` (what the gateway built per record on
+/// every connection task before the drain thread existed).
+fn owned_headers(ids: &StreamIds) -> OwnedHeaders {
+    let mut n = itoa::Buffer::new();
+    let mut h = OwnedHeaders::new_with_capacity(13);
+    for (k, v) in [
+        ("stream_sid", ids.stream_sid.as_bytes()),
+        ("call_sid", ids.call_sid.as_bytes()),
+        ("account_sid", ids.account_sid.as_bytes()),
+        ("track", b"inbound".as_slice()),
+    ] {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    for (k, v) in [
+        ("seq", 12345u64),
+        ("chunk", 6170),
+        ("timestamp_ms", 123_400),
+    ] {
+        h = h.insert(Header {
+            key: k,
+            value: Some(n.format(v).as_bytes()),
+        });
+    }
+    for (k, v) in [
+        ("encoding", b"pcm_s16le".as_slice()),
+        ("sample_rate", b"8000"),
+        ("channels", b"1"),
+        ("gateway", b"gw-1"),
+        ("received_at_us", b"1764000000000000"),
+    ] {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    h
+}
+
+fn unreachable_producer_config() -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", "127.0.0.1:1")
         .set("queue.buffering.max.messages", "2000000")
         .set("queue.buffering.max.kbytes", "2097151")
         .set("enable.idempotence", "true")
-        .set("log_level", "0")
-        .create()
-        .unwrap();
-    g.bench_function("librdkafka_enqueue_with_headers", |b| {
+        .set("log_level", "0");
+    c
+}
+
+fn record_benches(c: &mut Criterion) {
+    let ids = ids();
+    let ulaw = bench::speech()[1600..1760].to_vec();
+    let mut g = c.benchmark_group("kafka_enqueue");
+    g.throughput(Throughput::Elements(1000));
+    // librdkafka enqueue (copy into its queue) with no reachable broker; purged between batches.
+    let producer: BaseProducer = unreachable_producer_config().create().unwrap();
+    let mut pcm = Vec::with_capacity(320);
+    g.bench_function("rust_rdkafka_send_with_owned_headers", |b| {
         b.iter_batched(
             || producer.purge(rdkafka::producer::PurgeConfig::default().queue()),
             |_| {
                 for _ in 0..1000 {
-                    let h = audio_headers(&rec, "gw-1", false);
+                    pcm.clear();
+                    ulaw_to_pcm16le_into(&ulaw, &mut pcm);
                     let r = BaseRecord::<[u8], [u8]>::to("twilio.audio.inbound")
                         .key(SID.as_bytes())
-                        .payload(&payload[..])
-                        .headers(h);
+                        .payload(&pcm[..])
+                        .headers(owned_headers(&ids));
                     let _ = black_box(producer.send(r));
                 }
             },
             BatchSize::PerIteration,
         )
     });
-    g.finish();
     producer.purge(rdkafka::producer::PurgeConfig::default().queue());
+    // The drain thread's way: topic handle, produceva, headers straight into librdkafka's list.
+    let metrics = Metrics::new("bench");
+    let gw = GwProducer::new(
+        &unreachable_producer_config(),
+        DeliveryContext::new(metrics),
+        &["twilio.audio.inbound".to_owned()],
+    )
+    .unwrap();
+    let sink_cfg = SinkConfig::new("127.0.0.1:1", "twilio");
+    let topics = sink_cfg.topics();
+    let rec = gateway::sink::record::SpoolRecord {
+        stream: Some(std::sync::Arc::new(
+            gateway::sink::stream::StreamEntry::new(ids.clone(), 1, 3),
+        )),
+        payload: ulaw.clone().into(),
+        seq: 12345,
+        timestamp_ms: 123_400,
+        received_at_us: 1_764_000_000_000_000,
+        chunk: 6170,
+        chunks: 1,
+        slot: gateway::sink::INBOUND_SLOT,
+        kind: gateway::sink::record::Kind::Audio,
+        aux: 0,
+        flags: 0,
+    };
+    g.bench_function("drain_produceva_with_topic_handle", |b| {
+        b.iter_batched(
+            || gw.purge(),
+            |_| {
+                for i in 0..1000 {
+                    pcm.clear();
+                    ulaw_to_pcm16le_into(&rec.payload, &mut pcm);
+                    let h = audio_headers_for_bench(&rec, &topics, "gw-1");
+                    let _ = black_box(gw.produce(0, Some(SID.as_bytes()), &pcm, Some(h), i + 1));
+                }
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    gw.purge();
+    g.finish();
 }
 
-/// Does the record-building work of the real publisher, without a broker.
-struct BuildOnly;
+/// The record-building work a connection did before the drain thread existed: μ-law → PCM and
+/// rust-rdkafka header objects, per record (for comparison).
+struct BuildOnly {
+    pcm: Vec<u8>,
+}
 impl Publisher for BuildOnly {
     fn publish_audio(&mut self, r: &AudioRecord<'_>) -> Result<(), DropReason> {
-        let h = audio_headers(r, "gw-1", false);
+        self.pcm.clear();
+        ulaw_to_pcm16le_into(r.payload, &mut self.pcm);
         let rec = BaseRecord::<[u8], [u8]>::to("twilio.audio.inbound")
             .key(r.ids.stream_sid.as_bytes())
-            .payload(r.payload)
-            .headers(h);
+            .payload(&self.pcm[..])
+            .headers(owned_headers(r.ids));
         black_box(rec);
         Ok(())
     }
@@ -194,7 +267,7 @@ impl Publisher for BuildOnly {
     }
 }
 
-/// Same path minus librdkafka's header objects (what the Rust side alone costs).
+/// Parse + session only.
 struct NoKafka;
 impl Publisher for NoKafka {
     fn publish_audio(&mut self, r: &AudioRecord<'_>) -> Result<(), DropReason> {
@@ -228,29 +301,59 @@ fn whole_path(c: &mut Criterion) {
     g.throughput(Throughput::Elements(msgs.len() as u64));
     // Setup (excluded from timing): a started session and fresh copies of the messages, since
     // parsing is in place.
-    let setup = || {
+    let setup = |out: &mut dyn FnMut(&mut Session, &gateway::protocol::Message<'_>)| {
         let mut s = Session::new(SessionConfig::default());
         let mut start = start_message(SID);
         let parsed = parse(&mut start).unwrap();
-        s.handle(&parsed.message, Received::default(), &mut NoKafka)
-            .unwrap();
+        out(&mut s, &parsed.message);
         (s, msgs.clone())
     };
-    g.bench_function("parse_decode_session_build_record", |b| {
+    let start_no_kafka = |s: &mut Session, m: &gateway::protocol::Message<'_>| {
+        s.handle(m, Received::default(), &mut NoKafka).unwrap();
+    };
+    g.bench_function("parse_decode_session_no_kafka", |b| {
         b.iter_batched(
-            setup,
-            |state| feed_all(state, &mut BuildOnly),
-            BatchSize::SmallInput,
-        )
-    });
-    g.bench_function("parse_decode_session_no_kafka_objects", |b| {
-        b.iter_batched(
-            setup,
+            || setup(&mut { start_no_kafka }),
             |state| feed_all(state, &mut NoKafka),
             BatchSize::SmallInput,
         )
     });
+    g.bench_function("parse_decode_session_build_rdkafka_record_old_path", |b| {
+        b.iter_batched(
+            || setup(&mut { start_no_kafka }),
+            |state| {
+                feed_all(
+                    state,
+                    &mut BuildOnly {
+                        pcm: Vec::with_capacity(320),
+                    },
+                )
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // The real connection publisher: budget admission, compact record, hand-off to a running
+    // drain thread (its broker unreachable, a budget large enough never to refuse here).
+    let mut cfg = SinkConfig::new("127.0.0.1:1", "twilio");
+    cfg.max_inflight_bytes = 8 << 30;
+    let sink = Sink::start(&cfg, Metrics::new("bench")).unwrap();
+    g.bench_function("parse_decode_session_handoff_to_drain", |b| {
+        b.iter_batched(
+            || {
+                let mut p = sink.publisher();
+                let mut s = Session::new(SessionConfig::default());
+                let mut start = start_message(SID);
+                let parsed = parse(&mut start).unwrap();
+                s.handle(&parsed.message, Received::default(), &mut p)
+                    .unwrap();
+                ((s, msgs.clone()), p)
+            },
+            |(state, mut p)| (feed_all(state, &mut p), p),
+            BatchSize::SmallInput,
+        )
+    });
     g.finish();
+    let _ = sink.finish(Duration::from_millis(100));
 }
 
 criterion_group! {

@@ -1,13 +1,11 @@
 //! The admin listener, separate from the stream listener so it answers under load:
-//! `/metrics` (Prometheus text), `/healthz` (process up), `/readyz` (brokers reachable, not
-//! draining, under capacity).
+//! `/metrics` (Prometheus text), `/healthz` (process up), `/readyz` (brokers reachable, producer
+//! healthy, in-flight audio under the watermark, not draining, under capacity).
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -15,7 +13,9 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::http_reply::{reply, Body};
 use crate::server::ServerContext;
+use crate::sink::probe::BrokerProbe;
 
 /// Why `/readyz` fails, if it does.
 pub fn readiness(ctx: &ServerContext) -> Result<(), &'static str> {
@@ -25,30 +25,23 @@ pub fn readiness(ctx: &ServerContext) -> Result<(), &'static str> {
     if !ctx.sink.brokers_reachable() {
         return Err("brokers unreachable");
     }
+    if !ctx.sink.producer_healthy() {
+        return Err("kafka producer failed fatally and is being rebuilt");
+    }
     if ctx.sink.over_watermark() {
         return Err("in-flight audio above the readiness watermark");
     }
-    if ctx.open_streams() >= ctx.max_streams {
+    if ctx.open_streams() >= ctx.config.max_streams {
         return Err("at capacity");
     }
     Ok(())
 }
 
-fn reply(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(ctype),
-    );
-    r
-}
-
 async fn handle(
     ctx: Arc<ServerContext>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let metrics = ctx.sink.metrics();
+) -> Result<Response<Body>, Infallible> {
+    let metrics = &ctx.metrics;
     Ok(match req.uri().path() {
         "/metrics" => reply(
             StatusCode::OK,
@@ -74,16 +67,25 @@ async fn handle(
     })
 }
 
-/// Probes broker metadata every `every` on a blocking thread, so readiness reflects the cluster.
-pub async fn probe_brokers_forever(ctx: Arc<ServerContext>, every: Duration) {
+/// Probes the brokers every `every` on a blocking thread (a metadata request for one of our
+/// topics), so readiness reflects the cluster.
+pub async fn probe_brokers_forever(ctx: Arc<ServerContext>, probe: BrokerProbe, every: Duration) {
+    let probe = Arc::new(probe);
+    let mut was_ok = true;
     loop {
-        let sink = ctx.sink.clone();
-        let ok = tokio::task::spawn_blocking(move || sink.probe_brokers(Duration::from_secs(2)))
+        let p = probe.clone();
+        let ok = tokio::task::spawn_blocking(move || p.probe(Duration::from_secs(2)))
             .await
             .unwrap_or(false);
-        ctx.sink.metrics().ready.set(readiness(&ctx).is_ok() as i64);
-        if !ok {
-            tracing::warn!("kafka brokers unreachable (metadata request failed)");
+        ctx.sink.set_brokers_reachable(ok);
+        ctx.metrics.ready.set(readiness(&ctx).is_ok() as i64);
+        if ok != was_ok {
+            if ok {
+                tracing::info!("kafka brokers reachable again");
+            } else {
+                tracing::warn!("kafka brokers unreachable (metadata request failed)");
+            }
+            was_ok = ok;
         }
         tokio::time::sleep(every).await;
     }

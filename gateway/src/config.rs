@@ -9,34 +9,21 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use serde::Deserialize;
 
-use crate::session::AudioEncoding;
+use crate::connection::ConnectionConfig;
+use crate::playback::partitions::{ordinal_from_hostname, parse_list, Assignment};
+use crate::playback::PlaybackConfig;
+use crate::server::access::{AccessConfig, Cidr};
+use crate::server::ServerConfig;
+use crate::session::SessionConfig;
+use crate::sink::kafka_config::{parse_option, parse_properties, KafkaOption, KafkaOptions};
+use crate::sink::{AudioEncoding, SinkConfig, MAX_WINDOW_BYTES};
+use crate::watchdog::WatchdogConfig;
 
 /// Exit code for bad configuration (sysexits `EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
-
-/// Twilio Media Streams → Kafka gateway.
-#[derive(Debug, Parser)]
-#[command(name = "gateway", version, about)]
-pub struct Cli {
-    /// What to run (default: the gateway).
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    /// Gateway flags.
-    #[command(flatten)]
-    pub run: RunArgs,
-}
-
-/// Sub-commands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Print the effective configuration as TOML and exit.
-    PrintConfig,
-    /// Consume the gateway's topics and write one WAV per stream and track.
-    Tap(crate::tap::TapArgs),
-}
 
 /// Flags of the gateway. All optional here so the file and defaults can fill them in.
 #[derive(Debug, Args, Default)]
@@ -71,13 +58,70 @@ pub struct RunArgs {
     /// Log filter (tracing `EnvFilter` syntax) [default: info; `RUST_LOG` also works].
     #[arg(long, env = "GATEWAY_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// librdkafka setting `key=value`, repeatable; applied over the gateway's defaults.
-    #[arg(
-        long = "kafka-option",
-        env = "GATEWAY_KAFKA_OPTIONS",
-        value_delimiter = ','
-    )]
+    /// librdkafka setting `key=value`, repeatable; applied over the gateway's defaults. Values
+    /// may contain `,` and `=`. Environment: `GATEWAY_KAFKA_OPTIONS`, one `key=value` per line.
+    /// Secret values (passwords, client secrets, private keys) are never printed.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
     pub kafka_option: Vec<String>,
+    /// File of librdkafka settings, one `key=value` per line (`#` comments), e.g. a mounted
+    /// Secret with SASL credentials; applied before `--kafka-option`.
+    #[arg(long, env = "GATEWAY_KAFKA_OPTIONS_FILE", value_name = "FILE")]
+    pub kafka_options_file: Option<PathBuf>,
+    /// Part of the in-flight budget librdkafka may hold, bytes; the rest waits in the gateway's
+    /// spool [default: 33554432, at most half of --max-inflight-bytes].
+    #[arg(long, env = "GATEWAY_KAFKA_WINDOW_BYTES")]
+    pub kafka_window_bytes: Option<u64>,
+    /// Longest sleep of the Kafka drain thread between batches, e.g. `1ms` [default: 1ms].
+    #[arg(long, env = "GATEWAY_KAFKA_DRAIN_INTERVAL")]
+    pub kafka_drain_interval: Option<String>,
+    /// Time the final flush gets after the drain, e.g. `30s` [default: 30s].
+    #[arg(long, env = "GATEWAY_FLUSH_TIMEOUT")]
+    pub flush_timeout: Option<String>,
+    /// Only accept connections from this network (CIDR or address), repeatable; checked at
+    /// accept, before TLS. Behind a trusted proxy, the client it names is checked
+    /// [default: everyone].
+    #[arg(
+        long = "allow-cidr",
+        env = "GATEWAY_ALLOW_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub allow_cidr: Vec<String>,
+    /// Load balancer network (CIDR or address), repeatable: its connections may start with a
+    /// PROXY protocol v1/v2 header, or carry X-Forwarded-For, naming the real client.
+    #[arg(
+        long = "trusted-proxy",
+        env = "GATEWAY_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub trusted_proxy: Vec<String>,
+    /// Concurrent handshakes per client address; more are closed at accept; 0 = no cap
+    /// [default: 256, a quarter of --max-concurrent-handshakes' default].
+    #[arg(long, env = "GATEWAY_MAX_HANDSHAKES_PER_SOURCE")]
+    pub max_handshakes_per_source: Option<u32>,
+    /// Consume `<prefix>.playback` and play it into streams (`--playback=false` turns
+    /// bidirectional streams off) [default: true].
+    #[arg(long, env = "GATEWAY_PLAYBACK", num_args = 0..=1, default_missing_value = "true")]
+    pub playback: Option<bool>,
+    /// Playback partitions this instance reads, e.g. `0-3,8` [default: all, or by
+    /// --instance-index/--instance-count].
+    #[arg(long, env = "GATEWAY_PLAYBACK_PARTITIONS", value_name = "LIST")]
+    pub playback_partitions: Option<String>,
+    /// This instance's index among --instance-count, or `auto` (the host name's trailing
+    /// number, as in a StatefulSet): it reads playback partitions p with p % count == index.
+    #[arg(long, env = "GATEWAY_INSTANCE_INDEX", value_name = "N|auto")]
+    pub instance_index: Option<String>,
+    /// Number of gateway instances sharing the playback topic (with --instance-index).
+    #[arg(long, env = "GATEWAY_INSTANCE_COUNT")]
+    pub instance_count: Option<u32>,
+    /// Playback audio a stream may have queued before records are dropped, e.g. `60s`
+    /// [default: 60s].
+    #[arg(long, env = "GATEWAY_PLAYBACK_BUFFER")]
+    pub playback_buffer: Option<String>,
+    /// Playback audio queued for all streams together, bytes of μ-law [default: 268435456].
+    #[arg(long, env = "GATEWAY_PLAYBACK_MAX_BYTES")]
+    pub playback_max_bytes: Option<u64>,
     /// Consecutive chunks of one track per Kafka record [default: 1].
     #[arg(long, env = "GATEWAY_FRAMES_PER_RECORD")]
     pub frames_per_record: Option<u32>,
@@ -139,6 +183,19 @@ struct FileConfig {
     log_format: Option<String>,
     log_level: Option<String>,
     kafka_options: Option<BTreeMap<String, String>>,
+    kafka_options_file: Option<PathBuf>,
+    kafka_window_bytes: Option<u64>,
+    kafka_drain_interval: Option<String>,
+    flush_timeout: Option<String>,
+    allow_cidr: Option<Vec<String>>,
+    trusted_proxy: Option<Vec<String>>,
+    max_handshakes_per_source: Option<u32>,
+    playback: Option<bool>,
+    playback_partitions: Option<String>,
+    instance_index: Option<String>,
+    instance_count: Option<u32>,
+    playback_buffer: Option<String>,
+    playback_max_bytes: Option<u64>,
     frames_per_record: Option<u32>,
     audio_encoding: Option<String>,
     create_topics: Option<bool>,
@@ -177,59 +234,38 @@ pub enum LogFormat {
     Json,
 }
 
-/// The validated configuration.
+/// The validated configuration: a section per subsystem, plus what the process itself needs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Stream listener.
+    /// Stream listener address.
     pub listen: SocketAddr,
-    /// Admin listener.
+    /// Admin listener address.
     pub admin_listen: SocketAddr,
-    /// Kafka bootstrap servers.
-    pub brokers: String,
-    /// Topic prefix.
-    pub topic_prefix: String,
-    /// WebSocket path.
-    pub ws_path: String,
-    /// Max concurrent streams.
-    pub max_streams: usize,
-    /// Drain time after SIGTERM.
-    pub drain_timeout: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
-    /// librdkafka overrides.
-    pub kafka_options: Vec<(String, String)>,
-    /// Chunks per record.
-    pub frames_per_record: u32,
-    /// Record value encoding.
-    pub audio_encoding: AudioEncoding,
-    /// Create missing topics.
-    pub create_topics: bool,
-    /// Partitions of created topics.
-    pub topic_partitions: i32,
-    /// Replication of created topics.
-    pub topic_replication: i32,
-    /// Instance id.
-    pub gateway_id: String,
-    /// WebSocket message cap.
-    pub max_message_bytes: usize,
-    /// In-flight audio budget.
-    pub max_inflight_bytes: u64,
-    /// Full-budget policy.
-    pub overflow: crate::sink::OverflowPolicy,
-    /// Fraction of the budget above which /readyz fails.
-    pub readiness_watermark: f64,
-    /// Idle timeout.
-    pub idle_timeout: Duration,
-    /// Ping after quiet (None: off).
-    pub ping_interval: Option<Duration>,
-    /// Handshake timeout.
-    pub handshake_timeout: Duration,
-    /// HTTP head cap.
-    pub max_header_bytes: usize,
+    /// Shutdown timing.
+    pub drain: DrainConfig,
+    /// The Kafka path.
+    pub sink: SinkConfig,
+    /// The stream listener.
+    pub server: ServerConfig,
     /// TLS, signatures, handshake caps, TwiML.
     pub security: crate::security::config::SecurityConfig,
+    /// Bidirectional streams.
+    pub playback: PlaybackConfig,
+}
+
+/// Shutdown timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainConfig {
+    /// Time live streams get to end by themselves after SIGTERM.
+    pub drain_timeout: Duration,
+    /// Time connections get to close and publish their tail after being told to.
+    pub close_grace: Duration,
+    /// Time the final flush of the Kafka path gets.
+    pub flush_timeout: Duration,
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h` or a bare number of seconds.
@@ -336,6 +372,24 @@ impl Config {
             file.handshake_timeout,
             "5s",
         );
+        let flush_timeout = dur(
+            "flush-timeout",
+            args.flush_timeout,
+            file.flush_timeout,
+            "30s",
+        );
+        let drain_interval = dur(
+            "kafka-drain-interval",
+            args.kafka_drain_interval,
+            file.kafka_drain_interval,
+            "1ms",
+        );
+        let playback_buffer = dur(
+            "playback-buffer",
+            args.playback_buffer,
+            file.playback_buffer,
+            "60s",
+        );
 
         let brokers = args
             .brokers
@@ -389,20 +443,38 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
             errors.push(format!("--log-level: {e}"));
         }
-        let mut kafka_options: Vec<(String, String)> =
-            file.kafka_options.unwrap_or_default().into_iter().collect();
-        for kv in args.kafka_option {
-            match kv.split_once('=') {
-                Some((k, v)) if !k.trim().is_empty() => {
-                    kafka_options.push((k.trim().to_owned(), v.trim().to_owned()))
-                }
-                _ => errors.push(format!("--kafka-option: {kv:?} must be key=value")),
+        // librdkafka settings, later sources overriding earlier ones: the file's table, the
+        // options file, `GATEWAY_KAFKA_OPTIONS` (one per line), the flags. Values are never
+        // echoed in errors: they may be secrets.
+        let mut kafka_options: Vec<KafkaOption> = file
+            .kafka_options
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(key, value)| KafkaOption { key, value })
+            .collect();
+        if let Some(path) = args.kafka_options_file.or(file.kafka_options_file) {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => match parse_properties(&text) {
+                    Ok(opts) => kafka_options.extend(opts),
+                    Err(e) => errors.push(format!("--kafka-options-file {}: {e}", path.display())),
+                },
+                Err(e) => errors.push(format!("--kafka-options-file {}: {e}", path.display())),
             }
         }
-        for (k, _) in &kafka_options {
-            if k == "bootstrap.servers" {
-                errors.push("--kafka-option: use --brokers instead of bootstrap.servers".into());
+        if let Ok(text) = std::env::var("GATEWAY_KAFKA_OPTIONS") {
+            match parse_properties(&text) {
+                Ok(opts) => kafka_options.extend(opts),
+                Err(e) => errors.push(format!("GATEWAY_KAFKA_OPTIONS: {e}")),
             }
+        }
+        for (i, kv) in args.kafka_option.iter().enumerate() {
+            match parse_option(kv) {
+                Ok(o) => kafka_options.push(o),
+                Err(e) => errors.push(format!("--kafka-option (occurrence {}): {e}", i + 1)),
+            }
+        }
+        if kafka_options.iter().any(|o| o.key == "bootstrap.servers") {
+            errors.push("--kafka-option: use --brokers instead of bootstrap.servers".into());
         }
         let frames_per_record = args
             .frames_per_record
@@ -462,9 +534,27 @@ impl Config {
             .max_inflight_bytes
             .or(file.max_inflight_bytes)
             .unwrap_or(256 * 1024 * 1024);
-        if !(1024 * 1024..=64 * 1024 * 1024 * 1024).contains(&max_inflight_bytes) {
+        if !(2 * 1024 * 1024..=64 * 1024 * 1024 * 1024).contains(&max_inflight_bytes) {
             errors.push(format!(
-                "--max-inflight-bytes: {max_inflight_bytes} must be between 1 MiB and 64 GiB"
+                "--max-inflight-bytes: {max_inflight_bytes} must be between 2 MiB and 64 GiB"
+            ));
+        }
+        // librdkafka only ever holds the window: its queue limits (25 % above it) must be
+        // describable (`queue.buffering.max.kbytes` clamps near 2 GiB), and the window must
+        // leave the spool at least half the budget.
+        let window_bytes = args
+            .kafka_window_bytes
+            .or(file.kafka_window_bytes)
+            .unwrap_or((32 << 20).min(max_inflight_bytes / 2));
+        if !(1024 * 1024..=MAX_WINDOW_BYTES).contains(&window_bytes) {
+            errors.push(format!(
+                "--kafka-window-bytes: {window_bytes} must be between 1 MiB and {MAX_WINDOW_BYTES} \
+                 (librdkafka's queue limits cannot describe more)"
+            ));
+        } else if window_bytes > max_inflight_bytes / 2 {
+            errors.push(format!(
+                "--kafka-window-bytes: {window_bytes} must be at most half of \
+                 --max-inflight-bytes ({max_inflight_bytes})"
             ));
         }
         let overflow_s = args
@@ -524,42 +614,186 @@ impl Config {
             },
             &mut errors,
         );
+        if drain_interval.is_zero() || drain_interval > Duration::from_millis(100) {
+            errors.push("--kafka-drain-interval: must be between 1ms and 100ms".into());
+        }
+        // Twilio is sent to --public-url; the listener answers only --ws-path.
+        if let Some(url) = &security.public_url {
+            if url.path() != ws_path {
+                errors.push(format!(
+                    "--public-url path {:?} differs from --ws-path {ws_path:?}: Twilio would connect \
+                     to a path this listener answers with 404 (error 31920); make them equal",
+                    url.path()
+                ));
+            }
+        }
+        let cidrs = |flag: &str, v: Vec<String>, errors: &mut Vec<String>| -> Vec<Cidr> {
+            v.iter()
+                .map(|c| c.trim())
+                .filter(|c| !c.is_empty())
+                .filter_map(|c| {
+                    c.parse::<Cidr>()
+                        .map_err(|e| errors.push(format!("--{flag}: {e}")))
+                        .ok()
+                })
+                .collect()
+        };
+        let allow_args = if args.allow_cidr.is_empty() {
+            file.allow_cidr.unwrap_or_default()
+        } else {
+            args.allow_cidr
+        };
+        let proxy_args = if args.trusted_proxy.is_empty() {
+            file.trusted_proxy.unwrap_or_default()
+        } else {
+            args.trusted_proxy
+        };
+        let access = AccessConfig {
+            allow: cidrs("allow-cidr", allow_args, &mut errors),
+            trusted_proxies: cidrs("trusted-proxy", proxy_args, &mut errors),
+            max_handshakes_per_source: args
+                .max_handshakes_per_source
+                .or(file.max_handshakes_per_source)
+                .unwrap_or(256),
+        };
+        let playback_enabled = args.playback.or(file.playback).unwrap_or(true);
+        let instance_index = args.instance_index.or(file.instance_index);
+        let instance_count = args.instance_count.or(file.instance_count);
+        let partitions = match (
+            args.playback_partitions.or(file.playback_partitions),
+            instance_index,
+            instance_count,
+        ) {
+            (Some(list), None, None) => match parse_list(&list) {
+                Ok(l) => Assignment::Explicit(l),
+                Err(e) => {
+                    errors.push(format!("--playback-partitions: {e}"));
+                    Assignment::All
+                }
+            },
+            (None, Some(index), Some(count)) => {
+                let index = if index == "auto" {
+                    let host =
+                        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                    ordinal_from_hostname(host.trim()).ok_or_else(|| {
+                        format!(
+                            "--instance-index auto: host name {:?} ends in no number",
+                            host.trim()
+                        )
+                    })
+                } else {
+                    index
+                        .parse::<u32>()
+                        .map_err(|_| format!("--instance-index: {index:?} is not a number or auto"))
+                };
+                match index {
+                    Ok(i) if count >= 1 && i < count => Assignment::Instance { index: i, count },
+                    Ok(i) => {
+                        errors.push(format!(
+                            "--instance-index {i} must be below --instance-count {count}"
+                        ));
+                        Assignment::All
+                    }
+                    Err(e) => {
+                        errors.push(e);
+                        Assignment::All
+                    }
+                }
+            }
+            (None, None, None) => Assignment::All,
+            (Some(_), _, _) => {
+                errors.push(
+                    "--playback-partitions excludes --instance-index/--instance-count".into(),
+                );
+                Assignment::All
+            }
+            _ => {
+                errors.push("--instance-index and --instance-count go together".into());
+                Assignment::All
+            }
+        };
+        let per_stream_bytes = (playback_buffer.as_secs_f64() * 8000.0) as u64;
+        if per_stream_bytes < 8000 {
+            errors.push("--playback-buffer: must be at least 1s".into());
+        }
+        let playback_max_bytes = args
+            .playback_max_bytes
+            .or(file.playback_max_bytes)
+            .unwrap_or(256 << 20);
+        if playback_max_bytes < per_stream_bytes {
+            errors.push(format!(
+                "--playback-max-bytes {playback_max_bytes} is below one stream's --playback-buffer ({per_stream_bytes} bytes)"
+            ));
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
+        let playback = PlaybackConfig {
+            enabled: playback_enabled,
+            topic: format!("{topic_prefix}.playback"),
+            partitions,
+            per_stream_bytes,
+            total_bytes: playback_max_bytes,
+        };
+        let session = SessionConfig {
+            frames_per_record,
+            max_payload_bytes: max_message_bytes,
+            max_anomaly_events: 100,
+        };
         Ok(Config {
             listen,
             admin_listen,
-            brokers,
-            topic_prefix,
-            ws_path,
-            max_streams,
-            drain_timeout,
             log_format,
             log_level,
-            kafka_options,
-            frames_per_record,
-            audio_encoding,
-            create_topics,
-            topic_partitions,
-            topic_replication,
-            gateway_id,
-            max_message_bytes,
-            max_inflight_bytes,
-            overflow,
-            readiness_watermark,
-            idle_timeout,
-            ping_interval,
-            handshake_timeout,
-            max_header_bytes,
+            drain: DrainConfig {
+                drain_timeout,
+                close_grace: Duration::from_secs(10),
+                flush_timeout,
+            },
+            sink: SinkConfig {
+                kafka: KafkaOptions {
+                    brokers,
+                    options: kafka_options,
+                },
+                topic_prefix,
+                gateway_id,
+                max_inflight_bytes,
+                window_bytes,
+                frames_per_record,
+                audio_encoding,
+                overflow,
+                create_topics,
+                topic_partitions,
+                topic_replication,
+                drain_interval,
+                readiness_watermark,
+            },
+            server: ServerConfig {
+                ws_path,
+                max_streams,
+                handshake_timeout,
+                max_header_bytes,
+                connection: ConnectionConfig {
+                    session,
+                    max_message_bytes,
+                    stop_linger: Duration::from_secs(1),
+                },
+                watchdog: WatchdogConfig {
+                    idle_timeout,
+                    ping_after: ping_interval,
+                },
+                access,
+            },
             security,
+            playback,
         })
     }
 
-    /// The effective configuration as TOML (for `print-config`).
+    /// The effective configuration as TOML (for `print-config`). Secrets are redacted.
     pub fn to_toml(&self) -> String {
-        let mut s = String::new();
-        let enc = match self.audio_encoding {
+        let sink = &self.sink;
+        let server = &self.server;
+        let enc = match sink.audio_encoding {
             AudioEncoding::PcmS16le => "pcm",
             AudioEncoding::Mulaw => "mulaw",
         };
@@ -568,56 +802,65 @@ impl Config {
             LogFormat::Json => "json",
         };
         let q = |v: &str| format!("{v:?}");
+        let ms = |d: Duration| q(&format!("{}ms", d.as_millis()));
+        let list =
+            |v: &[Cidr]| format!("{:?}", v.iter().map(|c| c.to_string()).collect::<Vec<_>>());
         let lines = [
             ("listen", q(&self.listen.to_string())),
             ("admin_listen", q(&self.admin_listen.to_string())),
-            ("brokers", q(&self.brokers)),
-            ("topic_prefix", q(&self.topic_prefix)),
-            ("ws_path", q(&self.ws_path)),
-            ("max_streams", self.max_streams.to_string()),
-            (
-                "drain_timeout",
-                q(&format!("{}ms", self.drain_timeout.as_millis())),
-            ),
+            ("brokers", q(&sink.kafka.brokers)),
+            ("topic_prefix", q(&sink.topic_prefix)),
+            ("ws_path", q(&server.ws_path)),
+            ("max_streams", server.max_streams.to_string()),
+            ("drain_timeout", ms(self.drain.drain_timeout)),
+            ("flush_timeout", ms(self.drain.flush_timeout)),
             ("log_format", q(fmt)),
             ("log_level", q(&self.log_level)),
-            ("frames_per_record", self.frames_per_record.to_string()),
+            ("frames_per_record", sink.frames_per_record.to_string()),
             ("audio_encoding", q(enc)),
-            ("create_topics", self.create_topics.to_string()),
-            ("topic_partitions", self.topic_partitions.to_string()),
-            ("topic_replication", self.topic_replication.to_string()),
-            ("gateway_id", q(&self.gateway_id)),
-            ("max_message_bytes", self.max_message_bytes.to_string()),
-            ("max_inflight_bytes", self.max_inflight_bytes.to_string()),
-            ("overflow", q(self.overflow.as_str())),
-            ("readiness_watermark", self.readiness_watermark.to_string()),
+            ("create_topics", sink.create_topics.to_string()),
+            ("topic_partitions", sink.topic_partitions.to_string()),
+            ("topic_replication", sink.topic_replication.to_string()),
+            ("gateway_id", q(&sink.gateway_id)),
             (
-                "idle_timeout",
-                q(&format!("{}ms", self.idle_timeout.as_millis())),
+                "max_message_bytes",
+                server.connection.max_message_bytes.to_string(),
             ),
+            ("max_inflight_bytes", sink.max_inflight_bytes.to_string()),
+            ("kafka_window_bytes", sink.window_bytes.to_string()),
+            ("kafka_drain_interval", ms(sink.drain_interval)),
+            ("overflow", q(sink.overflow.as_str())),
+            ("readiness_watermark", sink.readiness_watermark.to_string()),
+            ("idle_timeout", ms(server.watchdog.idle_timeout)),
             (
                 "ping_interval",
-                q(&format!(
-                    "{}ms",
-                    self.ping_interval.map_or(0, |d| d.as_millis())
-                )),
+                ms(server.watchdog.ping_after.unwrap_or_default()),
+            ),
+            ("handshake_timeout", ms(server.handshake_timeout)),
+            ("max_header_bytes", server.max_header_bytes.to_string()),
+            ("allow_cidr", list(&server.access.allow)),
+            ("trusted_proxy", list(&server.access.trusted_proxies)),
+            (
+                "max_handshakes_per_source",
+                server.access.max_handshakes_per_source.to_string(),
+            ),
+            ("playback", self.playback.enabled.to_string()),
+            (
+                "playback_partitions",
+                q(&self.playback.partitions.describe()),
             ),
             (
-                "handshake_timeout",
-                q(&format!("{}ms", self.handshake_timeout.as_millis())),
+                "playback_buffer",
+                q(&format!("{}ms", self.playback.per_stream_bytes / 8)),
             ),
-            ("max_header_bytes", self.max_header_bytes.to_string()),
+            ("playback_max_bytes", self.playback.total_bytes.to_string()),
         ];
+        let mut s = String::new();
         for (k, v) in lines {
             s.push_str(&format!("{k} = {v}\n"));
         }
         s.push_str(&self.security.to_toml());
-        if !self.kafka_options.is_empty() {
-            s.push_str("\n[kafka_options]\n");
-            for (k, v) in &self.kafka_options {
-                s.push_str(&format!("{:?} = {:?}\n", k, v));
-            }
-        }
+        s.push_str(&sink.kafka.to_toml());
         s
     }
 }
@@ -625,11 +868,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct TestCli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
 
     fn parse(args: &[&str]) -> Result<Config, Vec<String>> {
         let mut v = vec!["gateway", "--insecure-skip-signature"];
         v.extend_from_slice(args);
-        Config::from_args(Cli::try_parse_from(v).unwrap().run)
+        Config::from_args(TestCli::try_parse_from(v).unwrap().run)
     }
 
     #[test]
@@ -637,12 +887,13 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.admin_listen.to_string(), "0.0.0.0:9090");
-        assert_eq!(c.brokers, "127.0.0.1:9092");
-        assert_eq!(c.topic_prefix, "twilio");
-        assert_eq!(c.ws_path, "/stream");
-        assert_eq!(c.frames_per_record, 1);
-        assert_eq!(c.audio_encoding, AudioEncoding::PcmS16le);
-        assert!(c.create_topics);
+        assert_eq!(c.sink.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.sink.topic_prefix, "twilio");
+        assert_eq!(c.server.ws_path, "/stream");
+        assert_eq!(c.sink.frames_per_record, 1);
+        assert_eq!(c.sink.audio_encoding, AudioEncoding::PcmS16le);
+        assert!(c.sink.create_topics);
+        assert_eq!(c.sink.window_bytes, 32 << 20);
     }
 
     #[test]
@@ -679,15 +930,113 @@ mod tests {
             "--create-topics=false",
         ])
         .unwrap();
-        assert_eq!(c.topic_prefix, "fromfile");
-        assert_eq!(c.frames_per_record, 2);
-        assert!(!c.create_topics);
-        assert_eq!(
-            c.kafka_options,
-            vec![("linger.ms".to_string(), "1".to_string())]
-        );
+        assert_eq!(c.sink.topic_prefix, "fromfile");
+        assert_eq!(c.sink.frames_per_record, 2);
+        assert!(!c.sink.create_topics);
+        assert_eq!(c.sink.kafka.get("linger.ms"), Some("1"));
         std::fs::write(&path, "unknown_key = 1\n").unwrap();
         assert!(parse(&["--config", path.to_str().unwrap()]).is_err());
+    }
+
+    #[test]
+    fn kafka_option_values_keep_commas_from_flags_env_and_file() {
+        let dir = std::env::temp_dir().join(format!("gwkopt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("client.properties");
+        std::fs::write(
+            &path,
+            "# creds\nsasl.username=alice\nsasl.password=s3cr3t,x\n",
+        )
+        .unwrap();
+        let c = parse(&[
+            "--kafka-options-file",
+            path.to_str().unwrap(),
+            "--kafka-option",
+            "debug=broker,topic",
+            "--kafka-option",
+            "sasl.oauthbearer.extensions=a=1,b=2",
+            "--kafka-option",
+            "ssl.cipher.suites=ECDHE-RSA-AES128-GCM-SHA256,ECDHE-RSA-AES256-GCM-SHA384",
+        ])
+        .unwrap();
+        let k = &c.sink.kafka;
+        assert_eq!(k.get("debug"), Some("broker,topic"));
+        assert_eq!(k.get("sasl.oauthbearer.extensions"), Some("a=1,b=2"));
+        assert_eq!(
+            k.get("ssl.cipher.suites"),
+            Some("ECDHE-RSA-AES128-GCM-SHA256,ECDHE-RSA-AES256-GCM-SHA384")
+        );
+        assert_eq!(k.get("sasl.password"), Some("s3cr3t,x"));
+        assert_eq!(k.options.len(), 5, "no bogus properties: {:?}", k.options);
+        let printed = format!("{}\n{c:?}", c.to_toml());
+        assert!(!printed.contains("s3cr3t"), "{printed}");
+        assert!(printed.contains("alice") && printed.contains("broker,topic"));
+    }
+
+    #[test]
+    fn public_url_path_must_match_ws_path() {
+        let errs = parse(&["--public-url", "wss://gw.example.com/stream/"]).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].contains("\"/stream/\"") && errs[0].contains("\"/stream\""),
+            "{errs:?}"
+        );
+        assert!(parse(&["--public-url", "wss://gw.example.com/stream"]).is_ok());
+        assert!(parse(&[
+            "--public-url",
+            "wss://gw.example.com/other",
+            "--ws-path",
+            "/other"
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn window_must_fit_librdkafka_and_the_budget() {
+        let errs = parse(&[
+            "--max-inflight-bytes",
+            "68719476736",
+            "--kafka-window-bytes",
+            "2147483648",
+        ])
+        .unwrap_err();
+        assert!(errs[0].contains("--kafka-window-bytes"), "{errs:?}");
+        let errs = parse(&[
+            "--max-inflight-bytes",
+            "8388608",
+            "--kafka-window-bytes",
+            "8388608",
+        ])
+        .unwrap_err();
+        assert!(errs[0].contains("half"), "{errs:?}");
+        // A 64 GiB budget is fine: the spool holds it, librdkafka only the window.
+        let c = parse(&["--max-inflight-bytes", "68719476736"]).unwrap();
+        assert_eq!(c.sink.window_bytes, 32 << 20);
+        let p = c.sink.producer_config();
+        assert!(
+            p.get("queue.buffering.max.kbytes")
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                <= 2_097_151
+        );
+    }
+
+    #[test]
+    fn access_lists() {
+        let c = parse(&[
+            "--allow-cidr",
+            "54.172.60.0/23",
+            "--allow-cidr",
+            "34.203.250.0/23",
+            "--trusted-proxy",
+            "10.0.0.0/8",
+        ])
+        .unwrap();
+        assert_eq!(c.server.access.allow.len(), 2);
+        assert_eq!(c.server.access.trusted_proxies.len(), 1);
+        assert_eq!(c.server.access.max_handshakes_per_source, 256);
+        assert!(parse(&["--allow-cidr", "10.0.0.0/40"]).is_err());
     }
 
     #[test]

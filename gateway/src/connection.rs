@@ -1,11 +1,12 @@
 //! One task per stream: read WebSocket frames, feed the [`Session`], close with a specific code.
 //!
-//! The read loop never waits on Kafka: publishing is a non-blocking enqueue. Frames are parsed
-//! in place from fastwebsockets' read buffer; fragmented messages are reassembled into a
-//! per-connection buffer capped at `max_message_bytes` (fastwebsockets 0.10 does not cap the
-//! aggregate). Every way a connection ends maps to exactly one terminal event (`stop`,
-//! `disconnect` or `error`), one `gateway_streams_total{outcome}` increment (for streams that
-//! sent `start`), and one log line carrying the stream and call SIDs.
+//! The read loop never waits on Kafka: publishing is a non-blocking hand-off to the drain
+//! thread. Frames are parsed in place from fastwebsockets' read buffer; fragmented messages are
+//! reassembled into a per-connection buffer capped at `max_message_bytes` (fastwebsockets 0.10
+//! does not cap the aggregate). Every way a connection ends is one [`End`], and [`Ending`]
+//! (a table, [`End::ending`]) says what follows from it: the terminal event's reason, the close
+//! frame, the `gateway_streams_total{outcome}` label and the log level. Every stream that sent
+//! `start` gets exactly one terminal event, one outcome and one log line with its SIDs.
 
 use std::io;
 use std::sync::Arc;
@@ -14,11 +15,12 @@ use std::time::Duration;
 use fastwebsockets::{Frame, OpCode, WebSocket, WebSocketError};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::metrics::Metrics;
+use crate::metrics::{MessageEvent, Metrics, ProtocolErrorKind, StreamOutcome};
+use crate::playback::writer::StoppedByControl;
 use crate::protocol::{parse, Message};
 use crate::session::{close_code, Flow, Received, Session, SessionConfig, SessionError};
-use crate::sink::{ConnectionPublisher, Sink};
-use crate::watchdog::{IDLE_MSG, SHUTDOWN_MSG};
+use crate::sink::ConnectionPublisher;
+use crate::watchdog::WatchdogError;
 
 /// Per-connection settings.
 #[derive(Debug, Clone, Copy)]
@@ -31,28 +33,114 @@ pub struct ConnectionConfig {
     pub stop_linger: Duration,
 }
 
+/// How the socket side of a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketEnd {
+    /// The peer sent a close frame.
+    ClosedByPeer,
+    /// TCP EOF without a close frame.
+    Eof,
+    /// TCP reset.
+    Reset,
+    /// Any other I/O error.
+    Io,
+}
+
 /// How the read loop ended.
 #[derive(Debug)]
-enum End {
+pub enum End {
+    /// Twilio sent `stop`.
     Stopped,
-    PeerClosed,
-    Eof(&'static str),
+    /// The socket ended without `stop`.
+    Socket(SocketEnd),
+    /// No frame for `--idle-timeout`.
     IdleTimeout,
+    /// The drain closed it.
     Shutdown,
+    /// `--overflow disconnect`.
     Backpressure,
+    /// A `stop` record on the playback topic.
+    StoppedByControl,
+    /// A protocol error.
     Error(SessionError),
 }
 
-fn message_index(m: &Message<'_>) -> usize {
-    // Order of `metrics::MESSAGE_EVENTS`.
+/// What follows from an [`End`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    /// The terminal event's `reason` (`disconnect`), or the error reason.
+    pub reason: String,
+    /// Close frame to send (code, reason); `None` when the peer already closed (or after
+    /// `stop`, which has its own linger).
+    pub close: Option<(u16, String)>,
+    /// `gateway_streams_total{outcome}`.
+    pub outcome: StreamOutcome,
+    /// Logged at WARN (true) or INFO.
+    pub warn: bool,
+}
+
+impl End {
+    /// The table: reason, close frame, outcome, log level for each way a stream ends.
+    pub fn ending(&self) -> Ending {
+        let e = |reason: &str, close: Option<(u16, &str)>, outcome, warn| Ending {
+            reason: reason.to_owned(),
+            close: close.map(|(c, r)| (c, r.to_owned())),
+            outcome,
+            warn,
+        };
+        match self {
+            End::Stopped => e("stop", None, StreamOutcome::Stopped, false),
+            End::Socket(SocketEnd::ClosedByPeer) => {
+                e("closed_by_peer", None, StreamOutcome::Disconnected, true)
+            }
+            End::Socket(SocketEnd::Eof) => e("eof", None, StreamOutcome::Disconnected, true),
+            End::Socket(SocketEnd::Reset) => {
+                e("connection_reset", None, StreamOutcome::Disconnected, true)
+            }
+            End::Socket(SocketEnd::Io) => e("io_error", None, StreamOutcome::Disconnected, true),
+            End::IdleTimeout => e(
+                "idle_timeout",
+                Some((close_code::GOING_AWAY, "idle timeout")),
+                StreamOutcome::IdleTimeout,
+                true,
+            ),
+            End::Shutdown => e(
+                "shutdown",
+                Some((close_code::GOING_AWAY, "server shutting down")),
+                StreamOutcome::Shutdown,
+                false,
+            ),
+            End::Backpressure => e(
+                "backpressure",
+                Some((close_code::TRY_AGAIN_LATER, "kafka backpressure")),
+                StreamOutcome::Backpressure,
+                true,
+            ),
+            End::StoppedByControl => e(
+                "stopped_by_control",
+                Some((close_code::NORMAL, "stopped")),
+                StreamOutcome::StoppedByControl,
+                false,
+            ),
+            End::Error(err) => Ending {
+                reason: err.reason.clone(),
+                close: Some((err.close_code, err.reason.clone())),
+                outcome: StreamOutcome::ProtocolError,
+                warn: true,
+            },
+        }
+    }
+}
+
+fn message_event(m: &Message<'_>) -> MessageEvent {
     match m {
-        Message::Connected { .. } => 0,
-        Message::Start(_) => 1,
-        Message::Media(_) => 2,
-        Message::Dtmf { .. } => 3,
-        Message::Mark { .. } => 4,
-        Message::Stop { .. } => 5,
-        Message::Unknown { .. } => 6,
+        Message::Connected { .. } => MessageEvent::Connected,
+        Message::Start(_) => MessageEvent::Start,
+        Message::Media(_) => MessageEvent::Media,
+        Message::Dtmf { .. } => MessageEvent::Dtmf,
+        Message::Mark { .. } => MessageEvent::Mark,
+        Message::Stop { .. } => MessageEvent::Stop,
+        Message::Unknown { .. } => MessageEvent::Unknown,
     }
 }
 
@@ -63,31 +151,45 @@ fn now() -> Received {
     }
 }
 
-fn classify_ws_error(e: WebSocketError) -> End {
+/// Maps a read error to how the stream ended.
+pub fn classify_ws_error(e: WebSocketError) -> End {
     match e {
-        WebSocketError::IoError(io) => match io.kind() {
-            io::ErrorKind::TimedOut if io.to_string() == IDLE_MSG => End::IdleTimeout,
-            io::ErrorKind::Interrupted if io.to_string() == SHUTDOWN_MSG => End::Shutdown,
-            io::ErrorKind::ConnectionReset => End::Eof("connection_reset"),
-            _ => End::Eof("io_error"),
+        WebSocketError::IoError(io) => match WatchdogError::of(&io) {
+            Some(WatchdogError::Idle) => End::IdleTimeout,
+            Some(WatchdogError::Shutdown) => End::Shutdown,
+            None if StoppedByControl::is(&io) => End::StoppedByControl,
+            None if io.kind() == io::ErrorKind::ConnectionReset => End::Socket(SocketEnd::Reset),
+            None => End::Socket(SocketEnd::Io),
         },
-        WebSocketError::UnexpectedEOF => End::Eof("eof"),
-        WebSocketError::ConnectionClosed => End::PeerClosed,
+        WebSocketError::UnexpectedEOF => End::Socket(SocketEnd::Eof),
+        WebSocketError::ConnectionClosed => End::Socket(SocketEnd::ClosedByPeer),
         WebSocketError::FrameTooLarge => End::Error(SessionError::new(
             close_code::TOO_BIG,
-            "message_too_large",
+            ProtocolErrorKind::MessageTooLarge,
             "message too large",
         )),
         WebSocketError::InvalidUTF8 => End::Error(SessionError::new(
             close_code::INVALID_DATA,
-            "invalid_utf8",
+            ProtocolErrorKind::InvalidUtf8,
             "invalid utf-8",
         )),
         other => End::Error(SessionError::new(
             close_code::PROTOCOL,
-            "websocket_protocol",
+            ProtocolErrorKind::WebsocketProtocol,
             format!("websocket protocol error: {other}"),
         )),
+    }
+}
+
+/// Whether the stream ends after a message: a `stop` (or an error) in this very message
+/// decides the ending; the overflow policy's request to disconnect (raised, for instance, when
+/// the batch flushed by `stop` did not fit) only ends a stream that is still going.
+fn end_after(result: Result<Flow, SessionError>, backpressure: bool) -> Option<End> {
+    match result {
+        Ok(Flow::Stopped) => Some(End::Stopped),
+        Err(e) => Some(End::Error(e)),
+        Ok(Flow::Continue) if backpressure => Some(End::Backpressure),
+        Ok(Flow::Continue) => None,
     }
 }
 
@@ -103,7 +205,11 @@ impl Conn {
     fn on_text(&mut self, buf: &mut [u8]) -> Result<Flow, SessionError> {
         let at = now();
         let parsed = parse(buf).map_err(SessionError::from_parse)?;
-        self.metrics.messages_by_event[message_index(&parsed.message)].inc();
+        self.metrics.messages[message_event(&parsed.message)].inc();
+        if let (Message::Media(m), Some(d)) = (&parsed.message, self.publisher.downlink()) {
+            // Anchors the stream's timeline for placing played audio.
+            d.shared.observe_media(m.timestamp_ms, at.mono_us);
+        }
         if parsed.unknown_fields > 0 {
             self.metrics
                 .unknown_fields
@@ -157,21 +263,69 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) {
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
+/// After `stop`: Twilio closes the socket itself; give it `stop_linger`, then close with 1000.
+/// A data message in between is a protocol error (1008).
+async fn after_stop<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocket<S>,
+    linger_for: Duration,
+    metrics: &Metrics,
+    sid: &str,
+) {
+    let peer = tokio::time::timeout(linger_for, async {
+        loop {
+            match ws.read_frame().await {
+                Ok(f)
+                    if matches!(
+                        f.opcode,
+                        OpCode::Text | OpCode::Binary | OpCode::Continuation
+                    ) =>
+                {
+                    return Some(())
+                }
+                Ok(f) if f.opcode == OpCode::Close => return None,
+                Ok(_) => continue,
+                Err(e) => {
+                    // The idle timeout may fire before `stop_linger` when `--idle-timeout` is
+                    // short: that is the same "peer went quiet" case; wait out the linger.
+                    if matches!(classify_ws_error(e), End::IdleTimeout) {
+                        std::future::pending::<()>().await;
+                    }
+                    return None;
+                }
+            }
+        }
+    })
+    .await;
+    match peer {
+        Ok(Some(())) => {
+            metrics.protocol_errors[ProtocolErrorKind::AfterStop].inc();
+            tracing::warn!(stream_sid = sid, "message after stop");
+            send_close(ws, close_code::POLICY, "message after stop").await;
+        }
+        Ok(None) => {}
+        Err(_) => send_close(ws, close_code::NORMAL, "stream stopped").await,
+    }
+}
+
 /// Serves one upgraded WebSocket until it ends. Never panics on input; logs and counts how it
-/// ended.
-pub async fn serve<S>(mut ws: WebSocket<S>, sink: Sink, cfg: ConnectionConfig, conn_id: u64)
-where
+/// ended. `publisher` carries the stream's downlink when playback is on.
+pub async fn serve<S>(
+    mut ws: WebSocket<S>,
+    publisher: ConnectionPublisher,
+    cfg: ConnectionConfig,
+    conn_id: u64,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     ws.set_auto_close(true);
     ws.set_auto_pong(true);
     // fastwebsockets rejects frames with `len >= max`; we want `len > cap` rejected.
     ws.set_max_message_size(cfg.max_message_bytes + 1);
-    let metrics = sink.metrics().clone();
+    let metrics = publisher.metrics().clone();
     metrics.open_connections.inc();
     let mut c = Conn {
         session: Session::new(cfg.session),
-        publisher: sink.publisher(),
+        publisher,
         metrics: metrics.clone(),
         counted_open: false,
     };
@@ -195,7 +349,7 @@ where
                 if fragments.len() + frame.payload.len() > cfg.max_message_bytes {
                     break End::Error(SessionError::new(
                         close_code::TOO_BIG,
-                        "message_too_large",
+                        ProtocolErrorKind::MessageTooLarge,
                         "fragmented message too large",
                     ));
                 }
@@ -213,146 +367,160 @@ where
             }
             OpCode::Text | OpCode::Continuation => Err(SessionError::new(
                 close_code::PROTOCOL,
-                "websocket_protocol",
+                ProtocolErrorKind::WebsocketProtocol,
                 "unexpected continuation state",
             )),
             OpCode::Binary => Err(SessionError::new(
                 close_code::UNSUPPORTED,
-                "binary_frame",
+                ProtocolErrorKind::BinaryFrame,
                 "binary frames are not supported",
             )),
-            OpCode::Close => break End::PeerClosed,
+            OpCode::Close => break End::Socket(SocketEnd::ClosedByPeer),
             OpCode::Ping | OpCode::Pong => continue,
         };
-        if c.publisher.backpressure_close() {
-            break End::Backpressure;
-        }
-        match result {
-            Ok(Flow::Continue) => {}
-            Ok(Flow::Stopped) => break End::Stopped,
-            Err(e) => break End::Error(e),
+        if let Some(end) = end_after(result, c.publisher.backpressure_close()) {
+            break end;
         }
     };
 
+    let ending = end.ending();
+    match &end {
+        End::Stopped => {}
+        End::Error(e) => c.session.fail(e, now(), &mut c.publisher),
+        _ => c
+            .session
+            .disconnect(&ending.reason, now(), &mut c.publisher),
+    }
     let ids = c.session.ids().cloned();
     let (sid, call) = ids
         .as_ref()
         .map(|i| (i.stream_sid.as_str(), i.call_sid.as_str()))
         .unwrap_or(("", ""));
-    let outcome = match end {
-        End::Stopped => {
-            // Twilio closes after `stop`; give it `stop_linger`, then close ourselves. A data
-            // message in between is a protocol error.
-            let linger = tokio::time::timeout(cfg.stop_linger, async {
-                loop {
-                    match ws.read_frame().await {
-                        Ok(f)
-                            if matches!(
-                                f.opcode,
-                                OpCode::Text | OpCode::Binary | OpCode::Continuation
-                            ) =>
-                        {
-                            return Some(())
-                        }
-                        Ok(f) if f.opcode == OpCode::Close => return None,
-                        Ok(_) => continue,
-                        // The watchdog's idle timeout may fire before `stop_linger` when
-                        // `--idle-timeout` is short: that is the same "peer went quiet" case.
-                        Err(e) => {
-                            if matches!(classify_ws_error(e), End::IdleTimeout) {
-                                // Wait out `stop_linger`, then close with 1000 below.
-                                std::future::pending::<()>().await;
-                            }
-                            return None;
-                        }
-                    }
-                }
-            })
-            .await;
-            match linger {
-                Ok(Some(())) => {
-                    metrics.protocol_error("after_stop");
-                    tracing::warn!(
-                        conn_id,
-                        stream_sid = sid,
-                        call_sid = call,
-                        "message after stop"
-                    );
-                    send_close(&mut ws, close_code::POLICY, "message after stop").await;
-                }
-                Ok(None) => {}
-                Err(_) => send_close(&mut ws, close_code::NORMAL, "stream stopped").await,
-            }
-            tracing::info!(
-                conn_id,
-                stream_sid = sid,
-                call_sid = call,
-                frames_published = c.session.frames_published(),
-                frames_dropped = c.session.frames_dropped(),
-                "stream stopped"
-            );
-            "stopped"
+    if matches!(end, End::Stopped) {
+        after_stop(&mut ws, cfg.stop_linger, &metrics, sid).await;
+    } else if let Some((code, reason)) = &ending.close {
+        send_close(&mut ws, *code, reason).await;
+    }
+    // Connections that never sent `start` are not streams: only an error is worth a line.
+    if c.counted_open || matches!(end, End::Error(_)) {
+        let published = c.session.frames_published();
+        let dropped = c.session.frames_dropped();
+        let close = ending.close.as_ref().map(|c| c.0);
+        if ending.warn {
+            tracing::warn!(conn_id, stream_sid = sid, call_sid = call, outcome = ending.outcome.as_str(),
+                reason = %ending.reason, close_code = close, frames_published = published, frames_dropped = dropped, "stream ended");
+        } else {
+            tracing::info!(conn_id, stream_sid = sid, call_sid = call, outcome = ending.outcome.as_str(),
+                reason = %ending.reason, close_code = close, frames_published = published, frames_dropped = dropped, "stream ended");
         }
-        End::PeerClosed | End::Eof(_) => {
-            let reason = match &end {
-                End::Eof(r) => r,
-                _ => "closed_by_peer",
-            };
-            c.session.disconnect(reason, now(), &mut c.publisher);
-            if c.counted_open {
-                tracing::warn!(
-                    conn_id,
-                    stream_sid = sid,
-                    call_sid = call,
-                    reason,
-                    frames_published = c.session.frames_published(),
-                    frames_dropped = c.session.frames_dropped(),
-                    "stream ended without stop"
-                );
-            }
-            "disconnected"
-        }
-        End::IdleTimeout => {
-            c.session
-                .disconnect("idle_timeout", now(), &mut c.publisher);
-            send_close(&mut ws, close_code::GOING_AWAY, "idle timeout").await;
-            tracing::warn!(conn_id, stream_sid = sid, call_sid = call, "idle timeout");
-            "idle_timeout"
-        }
-        End::Shutdown => {
-            c.session.disconnect("shutdown", now(), &mut c.publisher);
-            send_close(&mut ws, close_code::GOING_AWAY, "server shutting down").await;
-            tracing::info!(
-                conn_id,
-                stream_sid = sid,
-                call_sid = call,
-                "closed for shutdown"
-            );
-            "shutdown"
-        }
-        End::Backpressure => {
-            c.session
-                .disconnect("backpressure", now(), &mut c.publisher);
-            send_close(&mut ws, close_code::TRY_AGAIN_LATER, "kafka backpressure").await;
-            tracing::warn!(
-                conn_id,
-                stream_sid = sid,
-                call_sid = call,
-                "stream closed: in-flight budget full (--overflow disconnect)"
-            );
-            "backpressure"
-        }
-        End::Error(e) => {
-            c.session.fail(&e, now(), &mut c.publisher);
-            send_close(&mut ws, e.close_code, &e.reason).await;
-            tracing::warn!(conn_id, stream_sid = sid, call_sid = call, kind = e.kind, close_code = e.close_code, reason = %e.reason, "stream closed on protocol error");
-            "protocol_error"
-        }
-    };
+    }
     if c.counted_open {
         metrics.open_streams.dec();
-        metrics.stream_ended(outcome);
+        metrics.streams[ending.outcome].inc();
     }
+    // Dropping the publisher before lingering releases the stream entry on this side.
+    drop(c);
     linger(ws.into_inner()).await;
     metrics.open_connections.dec();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_end_maps_to_one_outcome_close_and_reason() {
+        let cases = [
+            (End::Stopped, "stop", None, StreamOutcome::Stopped),
+            (
+                End::Socket(SocketEnd::ClosedByPeer),
+                "closed_by_peer",
+                None,
+                StreamOutcome::Disconnected,
+            ),
+            (
+                End::Socket(SocketEnd::Eof),
+                "eof",
+                None,
+                StreamOutcome::Disconnected,
+            ),
+            (
+                End::Socket(SocketEnd::Reset),
+                "connection_reset",
+                None,
+                StreamOutcome::Disconnected,
+            ),
+            (
+                End::Socket(SocketEnd::Io),
+                "io_error",
+                None,
+                StreamOutcome::Disconnected,
+            ),
+            (
+                End::IdleTimeout,
+                "idle_timeout",
+                Some(1001),
+                StreamOutcome::IdleTimeout,
+            ),
+            (
+                End::Shutdown,
+                "shutdown",
+                Some(1001),
+                StreamOutcome::Shutdown,
+            ),
+            (
+                End::Backpressure,
+                "backpressure",
+                Some(1013),
+                StreamOutcome::Backpressure,
+            ),
+            (
+                End::StoppedByControl,
+                "stopped_by_control",
+                Some(1000),
+                StreamOutcome::StoppedByControl,
+            ),
+        ];
+        for (end, reason, close, outcome) in cases {
+            let e = end.ending();
+            assert_eq!(e.reason, reason);
+            assert_eq!(e.close.map(|c| c.0), close);
+            assert_eq!(e.outcome, outcome);
+        }
+        let err = End::Error(SessionError::new(1008, ProtocolErrorKind::AfterStop, "x"));
+        let e = err.ending();
+        assert_eq!(e.close, Some((1008, "x".to_owned())));
+        assert_eq!(e.outcome, StreamOutcome::ProtocolError);
+    }
+
+    #[test]
+    fn a_stopped_stream_is_never_ended_as_backpressure() {
+        // The `disconnect` flag can be raised by the stop itself (its batch did not fit).
+        assert!(matches!(
+            end_after(Ok(Flow::Stopped), true),
+            Some(End::Stopped)
+        ));
+        assert!(matches!(
+            end_after(Ok(Flow::Continue), true),
+            Some(End::Backpressure)
+        ));
+        assert!(end_after(Ok(Flow::Continue), false).is_none());
+        let e = SessionError::new(1007, ProtocolErrorKind::InvalidJson, "x");
+        assert!(matches!(end_after(Err(e), true), Some(End::Error(_))));
+    }
+
+    #[test]
+    fn watchdog_errors_are_classified_by_type() {
+        let idle = io::Error::new(io::ErrorKind::TimedOut, WatchdogError::Idle);
+        assert!(matches!(
+            classify_ws_error(WebSocketError::IoError(idle)),
+            End::IdleTimeout
+        ));
+        // Same kind and text, but not the watchdog's error: not an idle timeout.
+        let lookalike = io::Error::new(io::ErrorKind::TimedOut, "idle timeout");
+        assert!(matches!(
+            classify_ws_error(WebSocketError::IoError(lookalike)),
+            End::Socket(SocketEnd::Io)
+        ));
+    }
 }

@@ -1,38 +1,50 @@
 //! # gateway: Twilio Media Streams → Kafka
 //!
-//! Terminates Twilio `<Stream>` WebSocket connections, decodes each `media` chunk (base64 →
-//! μ-law → PCM s16le) on an allocation-free path and publishes per-track audio records and
-//! per-stream lifecycle events to Kafka.
+//! Terminates Twilio `<Stream>` WebSocket connections, decodes each `media` chunk on an
+//! allocation-light path and publishes per-track audio records and per-stream lifecycle events
+//! to Kafka.
 //!
 //! ## Layout (the path of one audio frame, socket to Kafka)
-//! - [`server`]: accept loop, HTTP/1 via hyper, path and capacity checks, WebSocket upgrade.
+//! - [`app`]: assembly and lifecycle (`run(config, listeners, shutdown)`): start, serve, drain.
+//! - [`server`]: accept loop, connection limits, PROXY protocol, TLS, HTTP/1 via hyper, the
+//!   checks before the WebSocket upgrade ([`server::upgrade`]).
 //! - [`watchdog`]: wraps each socket: idle timeout and keep-alive pings without timers per frame.
-//! - [`connection`]: one task per stream: reads frames, feeds the session, sends close frames.
+//! - [`connection`]: one task per stream: reads frames, feeds the session, ends the stream
+//!   (one table from how it ended to close code, event reason, outcome and log level).
 //! - [`protocol`]: pure parsing of Twilio JSON ([`protocol::message`]) and audio decoding
 //!   ([`protocol::audio`]).
 //! - [`session`]: the per-stream state machine; produces audio records and events.
+//! - [`sink`]: the Kafka path: admission against the in-flight budget, the drain thread that
+//!   alone talks to librdkafka, delivery accounting, topics, client configuration.
 //! - [`events`]: the events-topic JSON contract.
-//! - [`sink`]: the shared Kafka producer, record headers, delivery accounting, topic set-up.
+//! - [`playback`]: bidirectional streams: the playback topic consumer, per-stream downlinks,
+//!   and the writer under each WebSocket that sends media, marks and clears to Twilio.
+//! - [`twilio_http`]: `/twilio/status` and `/twilio/voice`.
+//! - [`security`]: TLS (wss), Twilio signatures, the handshake rate limit.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` on their own listener.
-//! - [`metrics`]: every metric name, registered once.
+//! - [`metrics`]: every metric name and label set, registered once.
 //! - [`config`]: flags, `GATEWAY_*` env, TOML file; validated before anything binds.
-//! - [`shutdown`]: drain coordination for SIGTERM.
-//! - [`security`]: TLS (wss), Twilio signatures, `/twilio/status` and `/twilio/voice`,
-//!   handshake caps.
-//! - [`tap`]: `gateway tap`: consumes the topics, writes one WAV per stream and track.
+//! - [`shutdown`]: drain coordination and the tracker of tasks that publish.
+//! - [`log_limit`], [`http_reply`]: small shared helpers.
+//!
+//! `gateway tap` (a consumer that writes WAVs) lives with the binary, not in this library.
 
 pub mod admin;
+pub mod app;
 pub mod config;
 pub mod connection;
 pub mod events;
+pub mod http_reply;
+pub mod log_limit;
 pub mod metrics;
+pub mod playback;
 pub mod protocol;
 pub mod security;
 pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod sink;
-pub mod tap;
+pub mod twilio_http;
 pub mod watchdog;
 
 /// Unix time now, in µs.

@@ -1,9 +1,12 @@
 //! Every metric the gateway exports, in one place.
 //!
-//! Handles are registered once at start-up into [`Metrics`]; the per-frame path only touches
-//! pre-resolved `IntCounter`/`Histogram` handles (an atomic add each), never a lookup by name or
-//! label. No stream or call SID is ever a label: those go to logs and Kafka.
+//! Label sets are enums ([`label_enum!`]): each value is registered once at start-up and its
+//! counter handle resolved then, so the per-frame path only does an atomic add on a handle it
+//! indexes by the enum (`metrics.dropped[reason]`), never a lookup by name or label text. No
+//! stream or call SID is ever a label: those go to logs and Kafka.
 
+use std::marker::PhantomData;
+use std::ops::Index;
 use std::sync::Arc;
 
 use prometheus::{
@@ -13,142 +16,371 @@ use prometheus::{
 
 use crate::protocol::Track;
 
-/// Why a frame (one Twilio `media` chunk) was not handed to Kafka, or was lost after.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// librdkafka's queue (sized from `--max-inflight-bytes`) was full.
-    QueueFull,
-    /// The record exceeds the producer's `message.max.bytes`.
-    TooLarge,
-    /// Any other enqueue error (unknown topic, fatal producer state...).
-    ProduceError,
-    /// The payload decoded to zero bytes.
-    EmptyPayload,
-    /// Delivery failed after librdkafka's retries (counted on the delivery callback).
-    DeliveryFailed,
-    /// The overflow policy evicted an older pending frame to make room.
-    Evicted,
+/// Declares a label enum: variants with their label text, `ALL`, `as_str`, `index`.
+macro_rules! label_enum {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $var:ident => $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $var,)+
+        }
+        impl $name {
+            /// Every value, in declaration order (the order of [`Self::index`]).
+            pub const ALL: &'static [$name] = &[$($name::$var,)+];
+            /// The label text.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$var => $text,)+ }
+            }
+            /// Position in [`Self::ALL`].
+            pub fn index(self) -> usize {
+                self as usize
+            }
+        }
+        impl LabelValue for $name {
+            fn all() -> &'static [Self] { Self::ALL }
+            fn text(self) -> &'static str { self.as_str() }
+            fn position(self) -> usize { self.index() }
+        }
+    };
 }
 
-impl DropReason {
-    /// All reasons, for pre-registering label values.
-    pub const ALL: [DropReason; 6] = [
-        DropReason::QueueFull,
-        DropReason::TooLarge,
-        DropReason::ProduceError,
-        DropReason::EmptyPayload,
-        DropReason::DeliveryFailed,
-        DropReason::Evicted,
-    ];
+/// A label enum (see [`label_enum!`]).
+pub trait LabelValue: Copy + 'static {
+    /// Every value.
+    fn all() -> &'static [Self];
+    /// Label text.
+    fn text(self) -> &'static str;
+    /// Index into [`Self::all`].
+    fn position(self) -> usize;
+}
 
-    /// The `reason` label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::QueueFull => "queue_full",
-            DropReason::TooLarge => "too_large",
-            DropReason::ProduceError => "produce_error",
-            DropReason::EmptyPayload => "empty_payload",
-            DropReason::DeliveryFailed => "delivery_failed",
-            DropReason::Evicted => "evicted",
+/// One counter family with a handle per enum value, resolved at registration.
+pub struct Counters<L: LabelValue> {
+    handles: Vec<IntCounter>,
+    _label: PhantomData<L>,
+}
+
+impl<L: LabelValue> Counters<L> {
+    fn register(registry: &Registry, name: &str, help: &str, label: &str) -> Self {
+        let vec = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        registry
+            .register(Box::new(vec.clone()))
+            .expect("unique metric");
+        // Every label value exists from the start, so dashboards see zeros, not gaps.
+        let handles = L::all()
+            .iter()
+            .map(|l| vec.with_label_values(&[l.text()]))
+            .collect();
+        Counters {
+            handles,
+            _label: PhantomData,
         }
+    }
+
+    /// Sum over every label value (tests, logs).
+    pub fn total(&self) -> u64 {
+        self.handles.iter().map(IntCounter::get).sum()
     }
 }
 
-/// Kinds of protocol error a stream can commit; labels of `gateway_protocol_errors_total`.
-pub const PROTOCOL_ERROR_KINDS: &[&str] = &[
-    "invalid_utf8",
-    "invalid_json",
-    "not_an_object",
-    "missing_field",
-    "wrong_type",
-    "invalid_number",
-    "invalid_track",
-    "invalid_base64",
-    "empty_payload",
-    "payload_too_large",
-    "media_before_start",
-    "duplicate_start",
-    "after_stop",
-    "stream_sid_mismatch",
-    "unsupported_media_format",
-    "binary_frame",
-    "message_too_large",
-    "websocket_protocol",
-];
+impl<L: LabelValue> Index<L> for Counters<L> {
+    type Output = IntCounter;
+    fn index(&self, l: L) -> &IntCounter {
+        &self.handles[l.position()]
+    }
+}
 
-/// How a stream ended; labels of `gateway_streams_total`.
-pub const STREAM_OUTCOMES: &[&str] = &[
-    "stopped",
-    "disconnected",
-    "idle_timeout",
-    "protocol_error",
-    "shutdown",
-    "backpressure",
-];
+label_enum! {
+    /// Why a frame (one Twilio `media` chunk) was not delivered to Kafka.
+    pub enum DropReason {
+        /// The in-flight budget (`--max-inflight-bytes`) or the spool was full.
+        QueueFull => "queue_full",
+        /// The record exceeds the producer's `message.max.bytes`.
+        TooLarge => "too_large",
+        /// Any other enqueue error (unknown topic, fatal producer state...).
+        ProduceError => "produce_error",
+        /// The payload decoded to zero bytes.
+        EmptyPayload => "empty_payload",
+        /// Delivery failed after librdkafka's retries (counted on the delivery report).
+        DeliveryFailed => "delivery_failed",
+        /// `--overflow drop-oldest` evicted it from the spool to make room for newer audio.
+        Evicted => "evicted",
+        /// Still queued when the shutdown flush timed out.
+        ShutdownTimeout => "shutdown_timeout",
+    }
+}
 
-/// Event types published on the events topic.
-pub const EVENT_TYPES: &[&str] = &[
-    "start",
-    "stop",
-    "dtmf",
-    "mark",
-    "disconnect",
-    "error",
-    "sequence_gap",
-    "status",
-];
+label_enum! {
+    /// Kinds of protocol error a stream can commit (`gateway_protocol_errors_total{kind}`).
+    pub enum ProtocolErrorKind {
+        /// Text frame is not UTF-8.
+        InvalidUtf8 => "invalid_utf8",
+        /// Not JSON.
+        InvalidJson => "invalid_json",
+        /// JSON but not an object.
+        NotAnObject => "not_an_object",
+        /// A required field is missing.
+        MissingField => "missing_field",
+        /// A field has the wrong JSON type.
+        WrongType => "wrong_type",
+        /// A numeric string is not a number.
+        InvalidNumber => "invalid_number",
+        /// Unknown `track`.
+        InvalidTrack => "invalid_track",
+        /// `payload` is not base64.
+        InvalidBase64 => "invalid_base64",
+        /// `payload` is empty (tolerated, counted).
+        EmptyPayload => "empty_payload",
+        /// Decoded payload over the cap.
+        PayloadTooLarge => "payload_too_large",
+        /// `media`/`dtmf`/`mark` before `start`.
+        MediaBeforeStart => "media_before_start",
+        /// A second `start`.
+        DuplicateStart => "duplicate_start",
+        /// A data message after `stop`.
+        AfterStop => "after_stop",
+        /// `streamSid` differs from the one in `start`.
+        StreamSidMismatch => "stream_sid_mismatch",
+        /// `mediaFormat` other than μ-law 8 kHz mono.
+        UnsupportedMediaFormat => "unsupported_media_format",
+        /// A binary frame.
+        BinaryFrame => "binary_frame",
+        /// A message (or fragmented message) over `--max-message-bytes`.
+        MessageTooLarge => "message_too_large",
+        /// WebSocket framing violation.
+        WebsocketProtocol => "websocket_protocol",
+    }
+}
 
-/// Message events counted by `gateway_messages_received_total`.
-pub const MESSAGE_EVENTS: &[&str] = &[
-    "connected",
-    "start",
-    "media",
-    "dtmf",
-    "mark",
-    "stop",
-    "unknown",
-];
+label_enum! {
+    /// How a stream ended (`gateway_streams_total{outcome}`).
+    pub enum StreamOutcome {
+        /// Twilio sent `stop`.
+        Stopped => "stopped",
+        /// The socket closed or broke without `stop`.
+        Disconnected => "disconnected",
+        /// No frame for `--idle-timeout`.
+        IdleTimeout => "idle_timeout",
+        /// We closed it for a protocol error.
+        ProtocolError => "protocol_error",
+        /// Closed by the drain (1001).
+        Shutdown => "shutdown",
+        /// Closed by `--overflow disconnect` (1013).
+        Backpressure => "backpressure",
+        /// Closed by a `stop` record on the playback topic (1000).
+        StoppedByControl => "stopped_by_control",
+    }
+}
 
-/// Sequence anomaly kinds (`gateway_sequence_anomalies_total`).
-pub const ANOMALY_KINDS: &[&str] = &["seq_gap", "seq_regression", "timestamp_jump"];
+label_enum! {
+    /// Event types published on the events topic (`gateway_events_published_total{type}`).
+    pub enum EventType {
+        /// `start`.
+        Start => "start",
+        /// `stop`.
+        Stop => "stop",
+        /// `dtmf`.
+        Dtmf => "dtmf",
+        /// `mark`.
+        Mark => "mark",
+        /// `disconnect`.
+        Disconnect => "disconnect",
+        /// `error`.
+        Error => "error",
+        /// `sequence_gap`.
+        SequenceGap => "sequence_gap",
+        /// `status` (statusCallback).
+        Status => "status",
+    }
+}
 
-/// HTTP refusals on the stream listener (`gateway_http_rejections_total`).
-pub const HTTP_REJECTIONS: &[&str] = &[
-    "not_found",
-    "not_websocket",
-    "capacity",
-    "draining",
-    "bad_upgrade",
-    "signature",
-    "bad_request",
-    "method_not_allowed",
-    "body_too_large",
-    "handshake_rate",
-    "handshake_concurrency",
-    "tls_handshake",
-];
+label_enum! {
+    /// Twilio message events (`gateway_messages_received_total{event}`).
+    pub enum MessageEvent {
+        /// `connected`.
+        Connected => "connected",
+        /// `start`.
+        Start => "start",
+        /// `media`.
+        Media => "media",
+        /// `dtmf`.
+        Dtmf => "dtmf",
+        /// `mark`.
+        Mark => "mark",
+        /// `stop`.
+        Stop => "stop",
+        /// Anything else (tolerated).
+        Unknown => "unknown",
+    }
+}
 
-/// Why a Twilio signature was refused (`gateway_signature_rejections_total`).
-pub const SIGNATURE_REJECTIONS: &[&str] = &["missing", "invalid"];
+label_enum! {
+    /// Sequence anomalies (`gateway_sequence_anomalies_total{kind}`).
+    pub enum AnomalyKind {
+        /// `sequenceNumber` skipped ahead.
+        SeqGap => "seq_gap",
+        /// `sequenceNumber` went backwards or repeated.
+        SeqRegression => "seq_regression",
+        /// A chunk's `timestamp` is not where the previous chunk of its track ended.
+        TimestampJump => "timestamp_jump",
+    }
+}
+
+label_enum! {
+    /// Connections and requests refused on the stream listener
+    /// (`gateway_http_rejections_total{reason}`).
+    pub enum HttpRejection {
+        /// Unknown path (404).
+        NotFound => "not_found",
+        /// Not a WebSocket upgrade on the stream path (426).
+        NotWebsocket => "not_websocket",
+        /// `--max-streams` reached (503).
+        Capacity => "capacity",
+        /// Draining (503).
+        Draining => "draining",
+        /// Upgrade headers invalid (400).
+        BadUpgrade => "bad_upgrade",
+        /// Missing or invalid Twilio signature (403).
+        Signature => "signature",
+        /// Malformed webhook request (400).
+        BadRequest => "bad_request",
+        /// Webhook body of another content type (415).
+        UnsupportedMediaType => "unsupported_media_type",
+        /// Webhook method other than GET/POST (405).
+        MethodNotAllowed => "method_not_allowed",
+        /// Webhook body over 64 KiB (413).
+        BodyTooLarge => "body_too_large",
+        /// Request head over `--max-header-bytes` (431, answered by hyper).
+        HeaderTooLarge => "header_too_large",
+        /// No complete request head (or TLS handshake) within `--handshake-timeout`.
+        HandshakeTimeout => "handshake_timeout",
+        /// `--max-handshakes-per-second` exceeded (closed at accept).
+        HandshakeRate => "handshake_rate",
+        /// `--max-concurrent-handshakes` reached (closed at accept).
+        HandshakeConcurrency => "handshake_concurrency",
+        /// `--max-handshakes-per-source` reached for the client address.
+        SourceConcurrency => "source_concurrency",
+        /// Client address outside `--allow-cidr` (closed at accept, or 403 behind a proxy).
+        NotAllowed => "not_allowed",
+        /// TLS handshake failed.
+        TlsHandshake => "tls_handshake",
+        /// A trusted proxy sent a malformed PROXY protocol header.
+        ProxyProtocol => "proxy_protocol",
+    }
+}
+
+label_enum! {
+    /// Why a Twilio signature was refused (`gateway_signature_rejections_total{reason}`).
+    pub enum SignatureRejection {
+        /// No `X-Twilio-Signature` header.
+        Missing => "missing",
+        /// The signature matches no configured token and URL form.
+        Invalid => "invalid",
+    }
+}
+
+label_enum! {
+    /// librdkafka delivery errors (`gateway_frames_failed_total{error}`), classified from the
+    /// error code (never from message text).
+    pub enum DeliveryError {
+        /// `message.timeout.ms` expired.
+        MessageTimedOut => "MessageTimedOut",
+        /// Purged from the queue.
+        PurgeQueue => "PurgeQueue",
+        /// Purged while in flight.
+        PurgeInflight => "PurgeInflight",
+        /// Topic or partition unknown.
+        UnknownTopicOrPartition => "UnknownTopicOrPartition",
+        /// Larger than the broker accepts.
+        MessageSizeTooLarge => "MessageSizeTooLarge",
+        /// Not authorised.
+        TopicAuthorizationFailed => "TopicAuthorizationFailed",
+        /// The producer hit a fatal error (e.g. an idempotence sequence desync).
+        Fatal => "Fatal",
+        /// Anything else.
+        Other => "other",
+    }
+}
+
+label_enum! {
+    /// Rate-limited log sites (`gateway_log_lines_suppressed_total{site}`).
+    pub enum LogSite {
+        /// Per-record delivery failures.
+        DeliveryFailed => "delivery_failed",
+        /// Refused Twilio signatures.
+        Signature => "signature",
+        /// Refused connections (allow-list, caps, PROXY headers).
+        Refused => "refused",
+        /// Audio dropped at admission.
+        FrameDropped => "frame_dropped",
+        /// Playback records dropped.
+        PlaybackDropped => "playback_dropped",
+        /// Spool disk errors and corrupt segments.
+        Spool => "spool",
+    }
+}
+
+label_enum! {
+    /// Why a playback record was not played (`gateway_playback_dropped_total{reason}`).
+    pub enum PlaybackDrop {
+        /// The record has no key (streamSid).
+        NoKey => "no_key",
+        /// No stream with that streamSid on this instance (never was, or long ended).
+        NotHeld => "not_held",
+        /// The stream ended on this instance.
+        Ended => "ended",
+        /// The record is on another partition than the stream's `start` event named.
+        WrongPartition => "wrong_partition",
+        /// A header is missing or invalid (a mark without a name, ...).
+        BadHeader => "bad_header",
+        /// `type` is none of media, mark, clear, stop.
+        UnknownType => "unknown_type",
+        /// PCM with an odd number of bytes.
+        OddPcmLength => "odd_pcm_length",
+        /// `sample_rate` other than 8000.
+        UnsupportedSampleRate => "unsupported_sample_rate",
+        /// `encoding` other than pcm_s16le or mulaw.
+        UnsupportedEncoding => "unsupported_encoding",
+        /// A media record without audio.
+        EmptyMedia => "empty_media",
+        /// The stream's (or the process's) downlink bound is full.
+        BufferFull => "buffer_full",
+        /// Queued for a stream that ended before it was written.
+        StreamClosed => "stream_closed",
+    }
+}
+
+label_enum! {
+    /// Playback records accepted, by type (`gateway_playback_records_total{type}`).
+    pub enum PlaybackType {
+        /// Audio.
+        Media => "media",
+        /// A mark.
+        Mark => "mark",
+        /// A clear.
+        Clear => "clear",
+        /// A stop.
+        Stop => "stop",
+    }
+}
+
+label_enum! {
+    /// What became of a mark the gateway sent (`gateway_playback_marks_total{outcome}`).
+    pub enum MarkOutcome {
+        /// Twilio echoed it after playing the audio before it.
+        Played => "played",
+        /// Twilio returned it because of a clear.
+        Cleared => "cleared",
+        /// Discarded by a clear before it was sent (the gateway published its event).
+        Discarded => "discarded",
+    }
+}
 
 /// Sub-millisecond to multi-second buckets for latencies measured in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0,
 ];
-
-/// Pre-resolved handles for the per-frame path.
-#[derive(Clone)]
-pub struct FrameCounters {
-    /// `gateway_frames_published_total` (handed to librdkafka).
-    pub published: IntCounter,
-    /// `gateway_frames_delivered_total` (acknowledged by the broker).
-    pub delivered: IntCounter,
-    /// `gateway_media_bytes_total` (decoded μ-law bytes received).
-    pub media_bytes: IntCounter,
-    /// `gateway_records_published_total` (audio records; differs from frames when batching).
-    pub records: IntCounter,
-}
 
 /// All metrics of one gateway process.
 pub struct Metrics {
@@ -157,68 +389,95 @@ pub struct Metrics {
     pub open_streams: IntGauge,
     /// `gateway_open_connections`: WebSocket connections, including ones that never sent `start`.
     pub open_connections: IntGauge,
-    streams_total: IntCounterVec,
-    /// Per-event message counters in [`MESSAGE_EVENTS`] order.
-    pub messages_by_event: Vec<IntCounter>,
-    /// Frame counters used on the hot path.
-    pub frames: FrameCounters,
-    /// Frames per track published: [inbound, outbound].
+    /// `gateway_streams_total{outcome}`.
+    pub streams: Counters<StreamOutcome>,
+    /// `gateway_messages_received_total{event}`.
+    pub messages: Counters<MessageEvent>,
+    /// `gateway_frames_received_total`: media chunks with a non-empty payload.
+    pub frames_received: IntCounter,
+    /// `gateway_frames_published_total`: chunks accepted into the Kafka path.
+    pub frames_published: IntCounter,
+    /// `gateway_frames_published_by_track_total{track}`: [inbound, outbound].
     pub frames_by_track: [IntCounter; Track::COUNT],
-    frames_dropped: IntCounterVec,
-    frames_failed: IntCounterVec,
-    protocol_errors: IntCounterVec,
+    /// `gateway_audio_records_published_total`.
+    pub records_published: IntCounter,
+    /// `gateway_frames_delivered_total`: chunks acknowledged by the broker.
+    pub frames_delivered: IntCounter,
+    /// `gateway_media_bytes_total`: decoded μ-law bytes received.
+    pub media_bytes: IntCounter,
+    /// `gateway_frames_dropped_total{reason}`.
+    pub dropped: Counters<DropReason>,
+    /// `gateway_frames_failed_total{error}` (also counted as `dropped[DeliveryFailed]`).
+    pub failed: Counters<DeliveryError>,
+    /// `gateway_protocol_errors_total{kind}`.
+    pub protocol_errors: Counters<ProtocolErrorKind>,
     /// `gateway_unknown_fields_total`.
     pub unknown_fields: IntCounter,
-    anomalies: IntCounterVec,
-    events_published: IntCounterVec,
-    /// `gateway_events_dropped_total`.
+    /// `gateway_sequence_anomalies_total{kind}`.
+    pub anomalies: Counters<AnomalyKind>,
+    /// `gateway_events_published_total{type}`.
+    pub events_published: Counters<EventType>,
+    /// `gateway_events_dropped_total`: events that could not be enqueued.
     pub events_dropped: IntCounter,
     /// `gateway_events_delivered_total`.
     pub events_delivered: IntCounter,
     /// `gateway_events_failed_total`.
     pub events_failed: IntCounter,
-    http_rejections: IntCounterVec,
-    signature_rejections: IntCounterVec,
-    /// `gateway_kafka_delivery_latency_seconds`: enqueue → broker ack.
+    /// `gateway_http_rejections_total{reason}`.
+    pub http_rejections: Counters<HttpRejection>,
+    /// `gateway_signature_rejections_total{reason}`.
+    pub signature_rejections: Counters<SignatureRejection>,
+    /// `gateway_log_lines_suppressed_total{site}`.
+    pub log_suppressed: Counters<LogSite>,
+    /// `gateway_kafka_delivery_latency_seconds`: produce → broker ack.
     pub delivery_latency: Histogram,
     /// `gateway_receive_to_ack_latency_seconds`: WebSocket receive → broker ack.
     pub receive_to_ack: Histogram,
-    /// `gateway_inflight_bytes`: bytes charged to `--max-inflight-bytes` (socket → broker ack).
+    /// `gateway_inflight_bytes`: bytes charged to `--max-inflight-bytes`.
     pub inflight_bytes: IntGauge,
     /// `gateway_inflight_budget_bytes`: the configured budget.
     pub inflight_budget_bytes: IntGauge,
-    /// `gateway_kafka_queue_messages`.
+    /// `gateway_kafka_window_records`: records inside librdkafka, not yet acknowledged.
+    pub kafka_window_records: IntGauge,
+    /// `gateway_kafka_window_bytes`: their charge.
+    pub kafka_window_bytes: IntGauge,
+    /// `gateway_kafka_queue_messages` (librdkafka statistics).
     pub kafka_queue_messages: IntGauge,
-    /// `gateway_kafka_queue_bytes`.
+    /// `gateway_kafka_queue_bytes` (librdkafka statistics).
     pub kafka_queue_bytes: IntGauge,
-    /// `gateway_kafka_queue_max_bytes`.
+    /// `gateway_kafka_queue_max_bytes`: librdkafka's configured queue limit.
     pub kafka_queue_max_bytes: IntGauge,
     /// `gateway_kafka_broker_rtt_avg_microseconds{broker}`.
     pub kafka_broker_rtt: IntGaugeVec,
-    /// `gateway_kafka_broker_up{broker}`: 1 when librdkafka reports the broker `UP`.
+    /// `gateway_kafka_broker_up{broker}`.
     pub kafka_broker_up: IntGaugeVec,
+    /// `gateway_kafka_fatal_errors_total`: fatal producer errors (each rebuilds the producer).
+    pub kafka_fatal_errors: IntCounter,
+    /// `gateway_kafka_producer_rebuilds_total`.
+    pub kafka_producer_rebuilds: IntCounter,
+    /// `gateway_kafka_producer_healthy`: 0 from a fatal error until the rebuilt producer works.
+    pub kafka_producer_healthy: IntGauge,
+    /// `gateway_playback_records_total{type}`.
+    pub playback_records: Counters<PlaybackType>,
+    /// `gateway_playback_dropped_total{reason}`.
+    pub playback_dropped: Counters<PlaybackDrop>,
+    /// `gateway_playback_marks_total{outcome}`.
+    pub playback_marks: Counters<MarkOutcome>,
+    /// `gateway_playback_bytes_sent_total`: μ-law bytes written to Twilio.
+    pub playback_bytes_sent: IntCounter,
+    /// `gateway_playback_clears_total`: clears written to Twilio.
+    pub playback_clears: IntCounter,
+    /// `gateway_playback_queued_bytes`: μ-law bytes queued for all streams.
+    pub playback_queued_bytes: IntGauge,
+    /// `gateway_playback_latency_seconds`: playback record produced → its first frame written.
+    pub playback_latency: Histogram,
+    /// `gateway_playback_mark_alignment_seconds`: |Twilio's echo of a played mark − where the
+    /// gateway's playout timeline put the end of its audio|.
+    pub playback_mark_alignment: Histogram,
     /// `gateway_ready`: 1 while `/readyz` answers 200.
     pub ready: IntGauge,
     /// `gateway_draining`: 1 after SIGTERM.
     pub draining: IntGauge,
-}
-
-fn counter_vec(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    label: &str,
-    values: &[&str],
-) -> IntCounterVec {
-    let v = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-    registry
-        .register(Box::new(v.clone()))
-        .expect("unique metric");
-    // Pre-create every label value so dashboards see zeros instead of missing series.
-    for value in values {
-        v.with_label_values(&[value]);
-    }
-    v
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -231,6 +490,14 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
     registry
         .register(Box::new(g.clone()))
         .expect("unique metric");
@@ -264,44 +531,15 @@ impl Metrics {
         build
             .with_label_values(&[env!("CARGO_PKG_VERSION"), gateway_id])
             .set(1);
-
-        let messages = counter_vec(
-            &r,
-            "gateway_messages_received_total",
-            "Twilio messages received, by event.",
-            "event",
-            MESSAGE_EVENTS,
-        );
-        let messages_by_event = MESSAGE_EVENTS
-            .iter()
-            .map(|e| messages.with_label_values(&[e]))
-            .collect();
-        let frames_by_track_vec = counter_vec(
-            &r,
-            "gateway_frames_published_by_track_total",
-            "Audio frames handed to Kafka, by track.",
-            "track",
-            &["inbound", "outbound"],
-        );
-        let kafka_broker_rtt = IntGaugeVec::new(
+        let by_track = IntCounterVec::new(
             Opts::new(
-                "gateway_kafka_broker_rtt_avg_microseconds",
-                "Average broker round-trip time over the last statistics window (librdkafka).",
+                "gateway_frames_published_by_track_total",
+                "Audio frames accepted into the Kafka path, by track.",
             ),
-            &["broker"],
+            &["track"],
         )
         .expect("valid metric");
-        r.register(Box::new(kafka_broker_rtt.clone()))
-            .expect("unique metric");
-        let kafka_broker_up = IntGaugeVec::new(
-            Opts::new(
-                "gateway_kafka_broker_up",
-                "1 when librdkafka reports the broker connection UP.",
-            ),
-            &["broker"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(kafka_broker_up.clone()))
+        r.register(Box::new(by_track.clone()))
             .expect("unique metric");
 
         Arc::new(Metrics {
@@ -310,91 +548,82 @@ impl Metrics {
                 "gateway_open_streams",
                 "Streams between `start` and their end.",
             ),
-            open_connections: gauge(
-                &r,
-                "gateway_open_connections",
-                "Open WebSocket connections.",
-            ),
-            streams_total: counter_vec(
+            open_connections: gauge(&r, "gateway_open_connections", "Open WebSocket connections."),
+            streams: Counters::register(
                 &r,
                 "gateway_streams_total",
                 "Ended streams, by outcome.",
                 "outcome",
-                STREAM_OUTCOMES,
             ),
-            messages_by_event,
-            frames: FrameCounters {
-                published: counter(
-                    &r,
-                    "gateway_frames_published_total",
-                    "Audio frames (Twilio chunks) handed to the Kafka producer.",
-                ),
-                delivered: counter(
-                    &r,
-                    "gateway_frames_delivered_total",
-                    "Audio frames acknowledged by the broker.",
-                ),
-                media_bytes: counter(
-                    &r,
-                    "gateway_media_bytes_total",
-                    "Decoded μ-law bytes received in media messages.",
-                ),
-                records: counter(
-                    &r,
-                    "gateway_audio_records_published_total",
-                    "Audio records handed to the producer (frames / frames-per-record).",
-                ),
-            },
+            messages: Counters::register(
+                &r,
+                "gateway_messages_received_total",
+                "Twilio messages received, by event.",
+                "event",
+            ),
+            frames_received: counter(
+                &r,
+                "gateway_frames_received_total",
+                "Media chunks received (empty payloads included).",
+            ),
+            frames_published: counter(
+                &r,
+                "gateway_frames_published_total",
+                "Audio frames (Twilio chunks) accepted into the Kafka path.",
+            ),
             frames_by_track: [
-                frames_by_track_vec.with_label_values(&["inbound"]),
-                frames_by_track_vec.with_label_values(&["outbound"]),
+                by_track.with_label_values(&["inbound"]),
+                by_track.with_label_values(&["outbound"]),
             ],
-            frames_dropped: counter_vec(
+            records_published: counter(
+                &r,
+                "gateway_audio_records_published_total",
+                "Audio records accepted into the Kafka path (frames / frames-per-record).",
+            ),
+            frames_delivered: counter(
+                &r,
+                "gateway_frames_delivered_total",
+                "Audio frames acknowledged by the broker.",
+            ),
+            media_bytes: counter(
+                &r,
+                "gateway_media_bytes_total",
+                "Decoded μ-law bytes received in media messages.",
+            ),
+            dropped: Counters::register(
                 &r,
                 "gateway_frames_dropped_total",
                 "Audio frames not delivered to Kafka, by reason.",
                 "reason",
-                &DropReason::ALL.map(DropReason::as_str),
             ),
-            frames_failed: counter_vec(
+            failed: Counters::register(
                 &r,
                 "gateway_frames_failed_total",
-                "Audio frames whose delivery failed after retries, by librdkafka error code.",
+                "Audio frames whose delivery failed after retries, by librdkafka error.",
                 "error",
-                &[
-                    "MessageTimedOut",
-                    "PurgeQueue",
-                    "PurgeInflight",
-                    "UnknownTopicOrPartition",
-                    "MessageSizeTooLarge",
-                    "TopicAuthorizationFailed",
-                ],
             ),
-            protocol_errors: counter_vec(
+            protocol_errors: Counters::register(
                 &r,
                 "gateway_protocol_errors_total",
                 "Protocol errors, by kind.",
                 "kind",
-                PROTOCOL_ERROR_KINDS,
             ),
             unknown_fields: counter(
                 &r,
                 "gateway_unknown_fields_total",
                 "Unknown JSON fields seen (tolerated).",
             ),
-            anomalies: counter_vec(
+            anomalies: Counters::register(
                 &r,
                 "gateway_sequence_anomalies_total",
                 "Sequence-number gaps/regressions and media timestamp jumps.",
                 "kind",
-                ANOMALY_KINDS,
             ),
-            events_published: counter_vec(
+            events_published: Counters::register(
                 &r,
                 "gateway_events_published_total",
                 "Records handed to the events topic, by type.",
                 "type",
-                EVENT_TYPES,
             ),
             events_dropped: counter(
                 &r,
@@ -411,32 +640,54 @@ impl Metrics {
                 "gateway_events_failed_total",
                 "Event records whose delivery failed after retries.",
             ),
-            http_rejections: counter_vec(
+            http_rejections: Counters::register(
                 &r,
                 "gateway_http_rejections_total",
-                "Requests on the stream listener refused before any upgrade, by reason.",
+                "Connections and requests on the stream listener refused before any upgrade, by reason.",
                 "reason",
-                HTTP_REJECTIONS,
             ),
-            signature_rejections: counter_vec(
+            signature_rejections: Counters::register(
                 &r,
                 "gateway_signature_rejections_total",
                 "Requests refused for a missing or invalid X-Twilio-Signature (upgrades and webhooks).",
                 "reason",
-                SIGNATURE_REJECTIONS,
+            ),
+            log_suppressed: Counters::register(
+                &r,
+                "gateway_log_lines_suppressed_total",
+                "Log lines not written because their site exceeded its rate limit.",
+                "site",
             ),
             delivery_latency: histogram(
                 &r,
                 "gateway_kafka_delivery_latency_seconds",
-                "Kafka enqueue to broker acknowledgement.",
+                "Kafka produce to broker acknowledgement.",
             ),
             receive_to_ack: histogram(
                 &r,
                 "gateway_receive_to_ack_latency_seconds",
                 "WebSocket receive of a chunk to broker acknowledgement of its record.",
             ),
-            inflight_bytes: gauge(&r, "gateway_inflight_bytes", "Bytes of records between socket read and broker acknowledgement (charged to the budget)."),
-            inflight_budget_bytes: gauge(&r, "gateway_inflight_budget_bytes", "The configured in-flight budget (--max-inflight-bytes)."),
+            inflight_bytes: gauge(
+                &r,
+                "gateway_inflight_bytes",
+                "Bytes of records between socket read and broker acknowledgement (charged to the budget).",
+            ),
+            inflight_budget_bytes: gauge(
+                &r,
+                "gateway_inflight_budget_bytes",
+                "The configured in-flight budget (--max-inflight-bytes).",
+            ),
+            kafka_window_records: gauge(
+                &r,
+                "gateway_kafka_window_records",
+                "Records handed to librdkafka and not yet acknowledged.",
+            ),
+            kafka_window_bytes: gauge(
+                &r,
+                "gateway_kafka_window_bytes",
+                "Budget charge of the records inside librdkafka (--kafka-window-bytes caps it).",
+            ),
             kafka_queue_messages: gauge(
                 &r,
                 "gateway_kafka_queue_messages",
@@ -452,55 +703,91 @@ impl Metrics {
                 "gateway_kafka_queue_max_bytes",
                 "Configured limit of librdkafka's producer queue.",
             ),
-            kafka_broker_rtt,
-            kafka_broker_up,
+            kafka_broker_rtt: gauge_vec(
+                &r,
+                "gateway_kafka_broker_rtt_avg_microseconds",
+                "Average broker round-trip time over the last statistics window (librdkafka).",
+                "broker",
+            ),
+            kafka_broker_up: gauge_vec(
+                &r,
+                "gateway_kafka_broker_up",
+                "1 when librdkafka reports the broker connection UP.",
+                "broker",
+            ),
+            kafka_fatal_errors: counter(
+                &r,
+                "gateway_kafka_fatal_errors_total",
+                "Fatal producer errors (the producer is rebuilt after each).",
+            ),
+            kafka_producer_rebuilds: counter(
+                &r,
+                "gateway_kafka_producer_rebuilds_total",
+                "Producers rebuilt after a fatal error.",
+            ),
+            kafka_producer_healthy: gauge(
+                &r,
+                "gateway_kafka_producer_healthy",
+                "0 from a fatal producer error until the rebuilt producer is in place.",
+            ),
+            playback_records: Counters::register(
+                &r,
+                "gateway_playback_records_total",
+                "Playback records accepted for a stream, by type.",
+                "type",
+            ),
+            playback_dropped: Counters::register(
+                &r,
+                "gateway_playback_dropped_total",
+                "Playback records not played, by reason.",
+                "reason",
+            ),
+            playback_marks: Counters::register(
+                &r,
+                "gateway_playback_marks_total",
+                "Marks the gateway sent to Twilio, by outcome.",
+                "outcome",
+            ),
+            playback_bytes_sent: counter(
+                &r,
+                "gateway_playback_bytes_sent_total",
+                "μ-law bytes of playback written to Twilio.",
+            ),
+            playback_clears: counter(
+                &r,
+                "gateway_playback_clears_total",
+                "Clear messages written to Twilio.",
+            ),
+            playback_queued_bytes: gauge(
+                &r,
+                "gateway_playback_queued_bytes",
+                "μ-law bytes of playback queued for all streams.",
+            ),
+            playback_latency: histogram(
+                &r,
+                "gateway_playback_latency_seconds",
+                "Playback record produced (its Kafka timestamp) to its first frame written to the socket.",
+            ),
+            playback_mark_alignment: histogram(
+                &r,
+                "gateway_playback_mark_alignment_seconds",
+                "Distance between Twilio's echo of a played mark and where the gateway placed the end of its audio.",
+            ),
             ready: gauge(&r, "gateway_ready", "1 while /readyz answers 200."),
             draining: gauge(&r, "gateway_draining", "1 once shutdown has begun."),
             registry: r,
         })
     }
 
-    /// Counter for a stream outcome (must be one of [`STREAM_OUTCOMES`]).
-    pub fn stream_ended(&self, outcome: &'static str) {
-        self.streams_total.with_label_values(&[outcome]).inc();
+    /// Adds `n` frames that failed delivery with `error` (also a `delivery_failed` drop).
+    pub fn frames_failed(&self, error: DeliveryError, n: u64) {
+        self.failed[error].inc_by(n);
+        self.dropped[DropReason::DeliveryFailed].inc_by(n);
     }
 
-    /// Counter for a protocol error kind (one of [`PROTOCOL_ERROR_KINDS`]). Error path only.
-    pub fn protocol_error(&self, kind: &'static str) {
-        self.protocol_errors.with_label_values(&[kind]).inc();
-    }
-
-    /// Counter for a sequence anomaly kind. Rare path.
-    pub fn anomaly(&self, kind: &'static str) {
-        self.anomalies.with_label_values(&[kind]).inc();
-    }
-
-    /// Adds `n` dropped frames with `reason`.
-    pub fn frames_dropped(&self, reason: DropReason, n: u64) {
-        self.frames_dropped
-            .with_label_values(&[reason.as_str()])
-            .inc_by(n);
-    }
-
-    /// Adds `n` frames whose delivery failed with librdkafka error `code`.
-    pub fn frames_failed(&self, code: &str, n: u64) {
-        self.frames_failed.with_label_values(&[code]).inc_by(n);
-        self.frames_dropped(DropReason::DeliveryFailed, n);
-    }
-
-    /// Counts one event record of `kind` handed to the producer.
-    pub fn event_published(&self, kind: &'static str) {
-        self.events_published.with_label_values(&[kind]).inc();
-    }
-
-    /// Counts one Twilio signature refusal (`missing` or `invalid`).
-    pub fn signature_rejected(&self, reason: &'static str) {
-        self.signature_rejections.with_label_values(&[reason]).inc();
-    }
-
-    /// Counts one HTTP refusal.
-    pub fn http_rejected(&self, reason: &'static str) {
-        self.http_rejections.with_label_values(&[reason]).inc();
+    /// The process registry, for subsystems that register their own families.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Prometheus text exposition of everything.
@@ -509,11 +796,30 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
 
-    /// Current value of `gateway_frames_dropped_total{reason}` (tests, readiness logic).
-    pub fn dropped(&self, reason: DropReason) -> u64 {
-        self.frames_dropped
-            .with_label_values(&[reason.as_str()])
-            .get()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_label_value_is_exported_from_the_start() {
+        let m = Metrics::new("gw");
+        let text = String::from_utf8(m.render()).unwrap();
+        for r in DropReason::ALL {
+            assert!(text.contains(&format!(
+                "gateway_frames_dropped_total{{reason=\"{}\"}} 0",
+                r.as_str()
+            )));
+        }
+        for r in HttpRejection::ALL {
+            assert!(text.contains(&format!("reason=\"{}\"", r.as_str())));
+        }
+        m.dropped[DropReason::Evicted].inc_by(3);
+        m.frames_failed(DeliveryError::MessageTimedOut, 2);
+        assert_eq!(m.dropped.total(), 5);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("gateway_frames_dropped_total{reason=\"evicted\"} 3"));
+        assert!(text.contains("gateway_frames_failed_total{error=\"MessageTimedOut\"} 2"));
     }
 }

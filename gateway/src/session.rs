@@ -8,49 +8,26 @@
 //! States: `AwaitingStart` (after `connected`, or nothing) → `Streaming` (after `start`) →
 //! `Stopped` (after `stop`). `media`/`dtmf`/`mark` before `start`, a second `start` and any
 //! message after `stop` are protocol errors. Sequence-number gaps/regressions and media
-//! timestamp jumps are counted and reported as `sequence_gap` events, never fatal.
+//! timestamp discontinuities are counted and reported as `sequence_gap` events, never fatal.
+//!
+//! Audio records carry the μ-law bytes Twilio sent; the Kafka path converts them to the
+//! configured output. A record's samples are always contiguous from its `timestamp_ms`: a
+//! pending batch is cut at every timestamp that is not exactly where the previous chunk of the
+//! track ended (see [`Session`]'s `media` handling and `docs/decisions.md`).
 
 use thiserror::Error;
 
 use crate::events::{EndKind, Event, EventBody, MediaFormatOut, StreamIds};
-use crate::metrics::DropReason;
-use crate::protocol::audio::{decode_base64_into, ulaw_to_pcm16le_into, PayloadError};
+use crate::metrics::{AnomalyKind, DropReason, ProtocolErrorKind};
+use crate::protocol::audio::{decode_base64_into, PayloadError};
 use crate::protocol::message::{Media, Message, Start};
 use crate::protocol::{ParseError, Track};
-
-/// What goes into the value of an audio record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AudioEncoding {
-    /// Signed 16-bit little-endian PCM, 8 kHz mono (the default).
-    PcmS16le,
-    /// The raw G.711 μ-law bytes Twilio sent.
-    Mulaw,
-}
-
-impl AudioEncoding {
-    /// The `encoding` header value.
-    pub fn header_value(self) -> &'static str {
-        match self {
-            AudioEncoding::PcmS16le => "pcm_s16le",
-            AudioEncoding::Mulaw => "mulaw",
-        }
-    }
-    /// Output bytes per μ-law input byte.
-    fn bytes_per_sample(self) -> usize {
-        match self {
-            AudioEncoding::PcmS16le => 2,
-            AudioEncoding::Mulaw => 1,
-        }
-    }
-}
 
 /// Settings a session needs; shared by all sessions of a process.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionConfig {
     /// Consecutive chunks of one track concatenated into one record (≥ 1).
     pub frames_per_record: u32,
-    /// Record value encoding.
-    pub encoding: AudioEncoding,
     /// Cap on one decoded payload (bounded anyway by the WebSocket message cap).
     pub max_payload_bytes: usize,
     /// Cap on `sequence_gap` events per stream; beyond it anomalies are only counted.
@@ -61,7 +38,6 @@ impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             frames_per_record: 1,
-            encoding: AudioEncoding::PcmS16le,
             max_payload_bytes: 64 * 1024,
             max_anomaly_events: 100,
         }
@@ -87,10 +63,10 @@ pub struct AudioRecord<'a> {
     pub received_mono_us: u64,
     /// Number of chunks in this record.
     pub chunks: u32,
-    /// Value encoding.
-    pub encoding: AudioEncoding,
-    /// The record value.
+    /// The μ-law bytes of the chunks, in order.
     pub payload: &'a [u8],
+    /// `sink::record` flags (e.g. audio the gateway played into the call).
+    pub flags: u8,
 }
 
 /// Where a session's output goes: the Kafka sink in production, a recorder in tests.
@@ -101,13 +77,30 @@ pub trait Publisher {
     /// Hands over one event. Failures are counted by the publisher; events never block audio.
     fn publish_event(&mut self, event: &Event<'_>);
     /// Counts a protocol error of `kind` (metrics). Default: nothing.
-    fn protocol_error(&mut self, _kind: &'static str) {}
+    fn protocol_error(&mut self, _kind: ProtocolErrorKind) {}
     /// Counts a sequence anomaly of `kind` (metrics). Default: nothing.
-    fn anomaly(&mut self, _kind: &'static str) {}
+    fn anomaly(&mut self, _kind: AnomalyKind) {}
     /// Counts `n` frames dropped for `reason` (metrics). Default: nothing.
     fn frames_dropped(&mut self, _reason: DropReason, _n: u64) {}
-    /// Counts `bytes` of decoded μ-law received (metrics). Default: nothing.
+    /// Counts one media chunk received with `bytes` of decoded μ-law (0 for an empty
+    /// payload). Default: nothing.
     fn media_received(&mut self, _bytes: usize) {}
+    /// Twilio echoed mark `name`: `Some(false)` when it came back because of a `clear` the
+    /// gateway sent, `Some(true)` when its audio played, `None` when the gateway did not send
+    /// it. Default: `None`.
+    fn mark_played(&mut self, _name: &str) -> Option<bool> {
+        None
+    }
+    /// The stream started (`ids`, announced `tracks`): where its playback goes, if the
+    /// publisher offers playback. Called before the `start` event is published. Default:
+    /// `None`.
+    fn attach(
+        &mut self,
+        _ids: &StreamIds,
+        _tracks: &[Track],
+    ) -> Option<crate::playback::PlaybackRoute> {
+        None
+    }
 }
 
 /// A protocol error that ends the stream: close code, stable kind, and a reason for the close
@@ -117,8 +110,8 @@ pub trait Publisher {
 pub struct SessionError {
     /// WebSocket close code to send.
     pub close_code: u16,
-    /// Stable label (one of `metrics::PROTOCOL_ERROR_KINDS`).
-    pub kind: &'static str,
+    /// Stable kind (metric label and `error_kind` field).
+    pub kind: ProtocolErrorKind,
     /// Human-readable reason (≤ 123 bytes, fits a close frame).
     pub reason: String,
 }
@@ -147,7 +140,7 @@ pub mod close_code {
 
 impl SessionError {
     /// Builds an error; the reason is truncated to fit a close frame.
-    pub fn new(close_code: u16, kind: &'static str, reason: impl Into<String>) -> Self {
+    pub fn new(close_code: u16, kind: ProtocolErrorKind, reason: impl Into<String>) -> Self {
         let mut reason = reason.into();
         if reason.len() > 120 {
             let mut cut = 120;
@@ -163,13 +156,18 @@ impl SessionError {
         }
     }
 
-    /// Maps a parser error to a close code.
+    /// Maps a parser error to a close code and kind.
     pub fn from_parse(e: ParseError) -> Self {
-        let code = match e {
-            ParseError::InvalidUtf8 | ParseError::InvalidJson => close_code::INVALID_DATA,
-            _ => close_code::POLICY,
+        let (code, kind) = match e {
+            ParseError::InvalidUtf8 => (close_code::INVALID_DATA, ProtocolErrorKind::InvalidUtf8),
+            ParseError::InvalidJson => (close_code::INVALID_DATA, ProtocolErrorKind::InvalidJson),
+            ParseError::NotAnObject => (close_code::POLICY, ProtocolErrorKind::NotAnObject),
+            ParseError::MissingField(_) => (close_code::POLICY, ProtocolErrorKind::MissingField),
+            ParseError::WrongType(_) => (close_code::POLICY, ProtocolErrorKind::WrongType),
+            ParseError::InvalidNumber(_) => (close_code::POLICY, ProtocolErrorKind::InvalidNumber),
+            ParseError::InvalidTrack => (close_code::POLICY, ProtocolErrorKind::InvalidTrack),
         };
-        SessionError::new(code, e.kind(), e.to_string())
+        SessionError::new(code, kind, e.to_string())
     }
 }
 
@@ -192,14 +190,15 @@ enum State {
 /// Per-track state: the pending batch and timestamp tracking.
 #[derive(Debug, Default)]
 struct TrackState {
-    /// Encoded audio of the chunks not yet published (empty when `frames_per_record` is 1).
+    /// μ-law of the chunks not yet published (empty when `frames_per_record` is 1).
     batch: Vec<u8>,
     /// Chunks in `batch`.
     batch_chunks: u32,
     /// Metadata of the first chunk in `batch`.
     first: Option<FirstChunk>,
-    /// Timestamp (ms) the next chunk should carry if contiguous.
-    next_ts: Option<u64>,
+    /// Where the previous non-empty chunk of the track ended, in samples (8 per ms) since the
+    /// stream started: where the next chunk must start to be contiguous.
+    next_sample: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -230,8 +229,6 @@ pub struct Session {
     tracks: [TrackState; Track::COUNT],
     /// Decoded μ-law of the current message (reused).
     ulaw: Vec<u8>,
-    /// Encoded value of the current record when not batching (reused).
-    record: Vec<u8>,
     frames_published: u64,
     frames_dropped: u64,
     anomaly_events: u32,
@@ -252,7 +249,6 @@ impl Session {
             last_seq: None,
             tracks: Default::default(),
             ulaw: Vec::new(),
-            record: Vec::new(),
             frames_published: 0,
             frames_dropped: 0,
             anomaly_events: 0,
@@ -275,6 +271,16 @@ impl Session {
         self.ids.is_some()
     }
 
+    /// True once the terminal event was published.
+    pub fn has_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Tracks announced in `start`.
+    pub fn tracks(&self) -> &[Track] {
+        &self.tracks_announced
+    }
+
     /// Frames handed to the publisher so far.
     pub fn frames_published(&self) -> u64 {
         self.frames_published
@@ -295,7 +301,7 @@ impl Session {
         if self.state == State::Stopped {
             return Err(SessionError::new(
                 close_code::POLICY,
-                "after_stop",
+                ProtocolErrorKind::AfterStop,
                 format!("{} after stop", msg.event_label()),
             ));
         }
@@ -313,7 +319,7 @@ impl Session {
             let label = msg.event_label();
             return Err(SessionError::new(
                 close_code::POLICY,
-                "media_before_start",
+                ProtocolErrorKind::MediaBeforeStart,
                 format!("{label} before start"),
             ));
         }
@@ -322,7 +328,7 @@ impl Session {
             if sid != ids.stream_sid {
                 return Err(SessionError::new(
                     close_code::POLICY,
-                    "stream_sid_mismatch",
+                    ProtocolErrorKind::StreamSidMismatch,
                     "streamSid differs from start",
                 ));
             }
@@ -348,10 +354,17 @@ impl Session {
                 Ok(Flow::Continue)
             }
             Message::Mark { name, .. } => {
+                // Twilio echoes the marks the gateway sent; the publisher knows whether the
+                // audio before it was played or cleared (bidirectional streams).
+                let played = out.mark_played(name);
                 let ev = Event {
                     ids: self.ids.as_ref(),
                     at_us: at.unix_us,
-                    body: EventBody::Mark { name },
+                    body: EventBody::Mark {
+                        name,
+                        played,
+                        sent: played.map(|_| true),
+                    },
                 };
                 out.publish_event(&ev);
                 Ok(Flow::Continue)
@@ -376,7 +389,7 @@ impl Session {
         if self.state != State::AwaitingStart {
             return Err(SessionError::new(
                 close_code::POLICY,
-                "duplicate_start",
+                ProtocolErrorKind::DuplicateStart,
                 "duplicate start",
             ));
         }
@@ -384,7 +397,7 @@ impl Session {
             if mf.encoding != "audio/x-mulaw" || mf.sample_rate != 8000 || mf.channels != 1 {
                 return Err(SessionError::new(
                     close_code::POLICY,
-                    "unsupported_media_format",
+                    ProtocolErrorKind::UnsupportedMediaFormat,
                     format!(
                         "unsupported media format {} {} Hz {} ch",
                         mf.encoding, mf.sample_rate, mf.channels
@@ -395,7 +408,7 @@ impl Session {
         if start.stream_sid.is_empty() || start.stream_sid.len() > 64 {
             return Err(SessionError::new(
                 close_code::POLICY,
-                "wrong_type",
+                ProtocolErrorKind::WrongType,
                 "streamSid must be 1-64 characters",
             ));
         }
@@ -419,6 +432,10 @@ impl Session {
             sample_rate: m.sample_rate,
             channels: m.channels,
         });
+        let route = match self.ids.as_ref() {
+            Some(ids) => out.attach(ids, &self.tracks_announced),
+            None => None,
+        };
         let ev = Event {
             ids: self.ids.as_ref(),
             at_us: at.unix_us,
@@ -426,25 +443,25 @@ impl Session {
                 tracks: &self.tracks_announced,
                 custom_parameters: &params,
                 media_format: mf.as_ref(),
+                playback: route.as_ref(),
             },
         };
         out.publish_event(&ev);
         // Size the per-track buffers once, so steady streaming never reallocates.
-        let per_record =
-            160 * self.cfg.encoding.bytes_per_sample() * self.cfg.frames_per_record as usize;
-        for t in &start.tracks {
-            if self.cfg.frames_per_record > 1 {
-                self.tracks[t.index()].batch.reserve(per_record);
+        if self.cfg.frames_per_record > 1 {
+            for t in &start.tracks {
+                self.tracks[t.index()]
+                    .batch
+                    .reserve(160 * self.cfg.frames_per_record as usize);
             }
         }
         self.ulaw.reserve(160);
-        self.record.reserve(320);
         Ok(Flow::Continue)
     }
 
     fn anomaly_event<P: Publisher>(
         &mut self,
-        kind: &'static str,
+        kind: AnomalyKind,
         track: Option<Track>,
         expected: u64,
         got: u64,
@@ -472,17 +489,28 @@ impl Session {
         match self.last_seq {
             Some(last) if seq == last.wrapping_add(1) => self.last_seq = Some(seq),
             Some(last) if seq > last => {
-                self.anomaly_event("seq_gap", None, last + 1, seq, at, out);
+                self.anomaly_event(AnomalyKind::SeqGap, None, last + 1, seq, at, out);
                 self.last_seq = Some(seq);
             }
             Some(last) => {
                 // Keep the high-water mark so one stray message does not cascade.
-                self.anomaly_event("seq_regression", None, last + 1, seq, at, out);
+                self.anomaly_event(AnomalyKind::SeqRegression, None, last + 1, seq, at, out);
             }
             None => self.last_seq = Some(seq),
         }
     }
 
+    /// One `media` chunk.
+    ///
+    /// Timestamp continuity, per track, in samples (8 per ms): a chunk is contiguous when it
+    /// starts exactly where the previous non-empty chunk of its track ended. Anything else — a
+    /// gap of any size (a missing 20 ms chunk included), a duplicate, a step backwards, or the
+    /// hole an empty payload leaves — cuts the pending batch, so every record's samples stay
+    /// contiguous from its `timestamp_ms`, and is reported as a `timestamp_jump`. One tolerance:
+    /// a chunk whose length is not a whole number of milliseconds ends between two millisecond
+    /// marks, and Twilio's integer `timestamp` for the next chunk can only be the floor or the
+    /// ceiling of that end; that is rounding, not an anomaly (the batch is still cut, because
+    /// the record would otherwise misplace samples by up to 1 ms).
     fn media<P: Publisher>(
         &mut self,
         m: &Media<'_>,
@@ -497,46 +525,50 @@ impl Session {
         ) {
             Ok(n) => n,
             Err(PayloadError::Empty) => {
-                // Tolerated: nothing to publish, but the frame is accounted for.
-                out.protocol_error("empty_payload");
+                // Tolerated: nothing to publish, but the chunk is accounted for. The track's
+                // continuity point does not move, so the next chunk reports the hole.
+                out.media_received(0);
+                out.protocol_error(ProtocolErrorKind::EmptyPayload);
                 self.drop_frames(DropReason::EmptyPayload, 1, out);
                 return Ok(());
             }
             Err(PayloadError::InvalidBase64) => {
                 return Err(SessionError::new(
                     close_code::INVALID_DATA,
-                    "invalid_base64",
+                    ProtocolErrorKind::InvalidBase64,
                     "media.payload is not valid base64",
                 ));
             }
             Err(PayloadError::TooLarge) => {
                 return Err(SessionError::new(
                     close_code::TOO_BIG,
-                    "payload_too_large",
+                    ProtocolErrorKind::PayloadTooLarge,
                     "media.payload too large",
                 ));
             }
         };
         out.media_received(n);
         let ti = m.track.index();
-        // Timestamp continuity per track: a jump forward of more than one 20 ms chunk, or any
-        // step backwards, is an anomaly; a pending batch is flushed first so every record's
-        // samples are contiguous from its `timestamp_ms`.
-        let expected = self.tracks[ti].next_ts;
-        self.tracks[ti].next_ts = Some(m.timestamp_ms + (n as u64) / 8);
+        let start = m.timestamp_ms.saturating_mul(8);
+        let expected = self.tracks[ti].next_sample;
+        self.tracks[ti].next_sample = Some(start.saturating_add(n as u64));
         if let Some(exp) = expected {
-            if m.timestamp_ms > exp + 20 || m.timestamp_ms + 20 < exp {
+            if start != exp {
                 if self.tracks[ti].batch_chunks > 0 {
                     self.flush_track(m.track, out);
                 }
-                self.anomaly_event(
-                    "timestamp_jump",
-                    Some(m.track),
-                    exp,
-                    m.timestamp_ms,
-                    at,
-                    out,
-                );
+                let rounding =
+                    exp % 8 != 0 && (m.timestamp_ms == exp / 8 || m.timestamp_ms == exp / 8 + 1);
+                if !rounding {
+                    self.anomaly_event(
+                        AnomalyKind::TimestampJump,
+                        Some(m.track),
+                        exp / 8,
+                        m.timestamp_ms,
+                        at,
+                        out,
+                    );
+                }
             }
         }
         let first = FirstChunk {
@@ -547,15 +579,6 @@ impl Session {
             received_mono_us: at.mono_us,
         };
         if self.cfg.frames_per_record == 1 {
-            self.record.clear();
-            let encoding = self.cfg.encoding;
-            let payload: &[u8] = match encoding {
-                AudioEncoding::PcmS16le => {
-                    ulaw_to_pcm16le_into(&self.ulaw, &mut self.record);
-                    &self.record
-                }
-                AudioEncoding::Mulaw => &self.ulaw,
-            };
             let Some(ids) = self.ids.as_ref() else {
                 return Ok(());
             };
@@ -568,8 +591,8 @@ impl Session {
                 received_at_us: first.received_at_us,
                 received_mono_us: first.received_mono_us,
                 chunks: 1,
-                encoding,
-                payload,
+                payload: &self.ulaw,
+                flags: 0,
             };
             match out.publish_audio(&rec) {
                 Ok(()) => self.frames_published += 1,
@@ -582,10 +605,7 @@ impl Session {
             ts.first = Some(first);
             ts.batch.clear();
         }
-        match self.cfg.encoding {
-            AudioEncoding::PcmS16le => ulaw_to_pcm16le_into(&self.ulaw, &mut ts.batch),
-            AudioEncoding::Mulaw => ts.batch.extend_from_slice(&self.ulaw),
-        }
+        ts.batch.extend_from_slice(&self.ulaw);
         ts.batch_chunks += 1;
         if ts.batch_chunks >= self.cfg.frames_per_record {
             self.flush_track(m.track, out);
@@ -619,8 +639,8 @@ impl Session {
             received_at_us: first.received_at_us,
             received_mono_us: first.received_mono_us,
             chunks,
-            encoding: self.cfg.encoding,
             payload: &ts.batch,
+            flags: 0,
         };
         let result = out.publish_audio(&rec);
         ts.batch.clear();

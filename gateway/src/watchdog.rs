@@ -24,10 +24,34 @@ use tokio::time::{Instant, Sleep};
 /// Unmasked server-to-client ping with an empty payload.
 const PING_FRAME: [u8; 2] = [0x89, 0x00];
 
-/// Error message of the read error raised by the forced-shutdown flag.
-pub const SHUTDOWN_MSG: &str = "server shutting down";
-/// Error message of the read error raised by the idle timeout.
-pub const IDLE_MSG: &str = "idle timeout";
+/// Why the watchdog failed a read: carried inside the `io::Error` it returns, so the
+/// connection tells these apart by type ([`WatchdogError::of`]), not by message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WatchdogError {
+    /// No frame for `idle_timeout`.
+    #[error("idle timeout")]
+    Idle,
+    /// The drain asked every connection to close.
+    #[error("server shutting down")]
+    Shutdown,
+}
+
+impl WatchdogError {
+    fn into_io(self) -> io::Error {
+        let kind = match self {
+            WatchdogError::Idle => io::ErrorKind::TimedOut,
+            WatchdogError::Shutdown => io::ErrorKind::Interrupted,
+        };
+        io::Error::new(kind, self)
+    }
+
+    /// The watchdog error inside `e`, if it is one.
+    pub fn of(e: &io::Error) -> Option<WatchdogError> {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<WatchdogError>())
+            .copied()
+    }
+}
 
 /// Watchdog settings.
 #[derive(Debug, Clone, Copy)]
@@ -103,10 +127,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watchdog<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.force_close.load(Ordering::Relaxed) {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::Interrupted,
-                SHUTDOWN_MSG,
-            )));
+            return Poll::Ready(Err(WatchdogError::Shutdown.into_io()));
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -125,10 +146,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watchdog<S> {
         while this.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             if this.force_close.load(Ordering::Relaxed) {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::Interrupted,
-                    SHUTDOWN_MSG,
-                )));
+                return Poll::Ready(Err(WatchdogError::Shutdown.into_io()));
             }
             if this.reads != this.seen_reads {
                 this.seen_reads = this.reads;
@@ -137,7 +155,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watchdog<S> {
             }
             let quiet = now.saturating_duration_since(this.last_activity);
             if quiet >= this.cfg.idle_timeout {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, IDLE_MSG)));
+                return Poll::Ready(Err(WatchdogError::Idle.into_io()));
             }
             if let Some(p) = this.cfg.ping_after {
                 if quiet >= p && !this.pinged && this.ping_pending == 0 {
@@ -218,7 +236,10 @@ mod tests {
         b.read_exact(&mut got).await.unwrap();
         assert_eq!(got, PING_FRAME);
         let r = reader.await.unwrap();
-        assert_eq!(r, Err((io::ErrorKind::TimedOut, IDLE_MSG.to_string())));
+        assert_eq!(
+            r,
+            Err((io::ErrorKind::TimedOut, "idle timeout".to_string()))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -243,6 +264,7 @@ mod tests {
         let mut buf = [0u8; 1];
         let e = w.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(WatchdogError::of(&e), Some(WatchdogError::Idle));
     }
 
     #[tokio::test(start_paused = true)]
@@ -252,10 +274,10 @@ mod tests {
         let mut w = Watchdog::new(a, cfg(60_000, None), flag.clone());
         let reader = tokio::spawn(async move {
             let mut buf = [0u8; 1];
-            w.read(&mut buf).await.map_err(|e| e.kind())
+            w.read(&mut buf).await.map_err(|e| WatchdogError::of(&e))
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
         flag.store(true, Ordering::SeqCst);
-        assert_eq!(reader.await.unwrap(), Err(io::ErrorKind::Interrupted));
+        assert_eq!(reader.await.unwrap(), Err(Some(WatchdogError::Shutdown)));
     }
 }

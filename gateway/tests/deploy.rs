@@ -226,13 +226,14 @@ fn k8s_deployment_drains_within_its_grace_period_and_probes_the_admin_port() {
         .parse()
         .unwrap();
     let drain = duration_secs(s(&cm, &["data", "GATEWAY_DRAIN_TIMEOUT"]));
+    let flush = duration_secs(s(&cm, &["data", "GATEWAY_FLUSH_TIMEOUT"]));
     let grace = get(pod, &["terminationGracePeriodSeconds"])
         .as_u64()
         .unwrap();
-    // preStop + drain + forced close (5 s) + some flush time.
+    // preStop + drain + close grace (10 s) + the final flush.
     assert!(
-        grace > pre_stop + drain + 5 + 10,
-        "grace {grace}s vs preStop {pre_stop}s + drain {drain}s"
+        grace > pre_stop + drain + 10 + flush,
+        "grace {grace}s vs preStop {pre_stop}s + drain {drain}s + 10 s + flush {flush}s"
     );
     let res = s(c, &["resources", "requests", "cpu"]);
     assert!(!res.is_empty());

@@ -7,18 +7,17 @@
 //!     for every media chunk handled while streaming (published + dropped), publishes the μ-law
 //!     decode of the payloads in order per track, emits at most one terminal event, and rejects
 //!     everything after the end;
-//! (c) with `frames_per_record` N and contiguous timestamps, the records of a track concatenate
-//!     to the concatenation of its chunks, cut only every N chunks and at the end.
-
-mod support;
-
-use support::ulaw_to_pcm;
+//! (c) with `frames_per_record` N and Twilio-style timestamps (whole milliseconds), the
+//!     records of a track concatenate to the concatenation of its chunks, cut every N chunks,
+//!     after any chunk that ends between two millisecond marks, and at the end.
+//!
+//! Records carry μ-law; the PCM conversion is the Kafka path's (tested end to end).
 
 use gateway::events::{write_json, EndKind, Event, EventBody};
-use gateway::metrics::DropReason;
+use gateway::metrics::{AnomalyKind, DropReason, ProtocolErrorKind};
 use gateway::protocol::{parse, Message, ParseError, Track};
 use gateway::session::{
-    AudioEncoding, AudioRecord, Flow, Publisher, Received, Session, SessionConfig, SessionError,
+    AudioRecord, Flow, Publisher, Received, Session, SessionConfig, SessionError,
 };
 use proptest::prelude::*;
 
@@ -32,8 +31,7 @@ const AT: Received = Received {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Reference codecs: the μ-law decoder is support::ulaw_to_pcm, written independently of the
-// gateway's table.
+// Message builders.
 
 fn b64(raw: &[u8]) -> String {
     base64_simd::STANDARD.encode_to_string(raw)
@@ -120,8 +118,8 @@ struct Recorder {
     /// (type, parsed JSON) of every event.
     events: Vec<(&'static str, serde_json::Value)>,
     terminal: Vec<(EndKind, u64, u64)>,
-    protocol_errors: Vec<&'static str>,
-    anomalies: Vec<&'static str>,
+    protocol_errors: Vec<ProtocolErrorKind>,
+    anomalies: Vec<AnomalyKind>,
     dropped: u64,
     /// Refuse the k-th `publish_audio` call when `refuse[k % len]` (simulates a full queue).
     refuse: Vec<bool>,
@@ -179,11 +177,11 @@ impl Publisher for Recorder {
         self.events.push((ev.body.type_name(), v));
     }
 
-    fn protocol_error(&mut self, kind: &'static str) {
+    fn protocol_error(&mut self, kind: ProtocolErrorKind) {
         self.protocol_errors.push(kind);
     }
 
-    fn anomaly(&mut self, kind: &'static str) {
+    fn anomaly(&mut self, kind: AnomalyKind) {
         self.anomalies.push(kind);
     }
 
@@ -561,27 +559,14 @@ fn render(ops: &[(Op, Option<Mutation>)]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
 fn session_config() -> impl Strategy<Value = SessionConfig> {
     (
         prop_oneof![3 => Just(1u32), 2 => 2u32..6],
-        any::<bool>(),
         prop_oneof![12 => Just(64 * 1024usize), 1 => 1usize..200],
         prop_oneof![Just(100u32), 0u32..3],
     )
-        .prop_map(|(n, mulaw, max_payload, max_anomaly)| SessionConfig {
+        .prop_map(|(n, max_payload, max_anomaly)| SessionConfig {
             frames_per_record: n,
-            encoding: if mulaw {
-                AudioEncoding::Mulaw
-            } else {
-                AudioEncoding::PcmS16le
-            },
             max_payload_bytes: max_payload,
             max_anomaly_events: max_anomaly,
         })
-}
-
-fn encode(cfg: &SessionConfig, ulaw: &[u8]) -> Vec<u8> {
-    match cfg.encoding {
-        AudioEncoding::PcmS16le => ulaw_to_pcm(ulaw),
-        AudioEncoding::Mulaw => ulaw.to_vec(),
-    }
 }
 
 fn run_session(
@@ -618,7 +603,7 @@ fn run_session(
             let before = out.output_len();
             let r = s.handle(&parsed.message, AT, &mut out);
             prop_assert!(
-                matches!(&r, Err(e) if e.kind == "after_stop" && e.close_code == 1008),
+                matches!(&r, Err(e) if e.kind == ProtocolErrorKind::AfterStop && e.close_code == 1008),
                 "after the end, {} gave {:?}",
                 parsed.message.event_label(),
                 r
@@ -641,7 +626,8 @@ fn run_session(
                     if ulaw.is_empty() {
                         empty += 1;
                     }
-                    expected[m.track.index()].extend_from_slice(&encode(&cfg, &ulaw));
+                    // Records carry the μ-law bytes; the sink converts them on the way out.
+                    expected[m.track.index()].extend_from_slice(&ulaw);
                 }
             }
             Ok(Flow::Stopped) => {
@@ -660,8 +646,8 @@ fn run_session(
                 );
                 prop_assert!(e.reason.len() <= 123);
                 prop_assert!(
-                    gateway::metrics::PROTOCOL_ERROR_KINDS.contains(&e.kind),
-                    "unlisted kind {}",
+                    ProtocolErrorKind::ALL.contains(&e.kind),
+                    "unlisted kind {:?}",
                     e.kind
                 );
                 s.fail(&e, AT, &mut out);
@@ -741,7 +727,11 @@ fn run_session(
     let p = parse(&mut again).unwrap();
     let before = out.output_len();
     let r = s.handle(&p.message, AT, &mut out);
-    prop_assert!(matches!(&r, Err(e) if e.kind == "after_stop"), "{:?}", r);
+    prop_assert!(
+        matches!(&r, Err(e) if e.kind == ProtocolErrorKind::AfterStop),
+        "{:?}",
+        r
+    );
     prop_assert_eq!(out.output_len(), before);
     Ok(())
 }
@@ -778,7 +768,6 @@ proptest! {
     #[test]
     fn batched_records_concatenate_to_the_chunks(
         n in 1u32..9,
-        mulaw in any::<bool>(),
         chunks in prop::collection::vec(
             (any::<bool>(), prop_oneof![3 => Just(160usize), 1 => 1usize..400]),
             0..80,
@@ -788,7 +777,6 @@ proptest! {
     ) {
         let cfg = SessionConfig {
             frames_per_record: n,
-            encoding: if mulaw { AudioEncoding::Mulaw } else { AudioEncoding::PcmS16le },
             ..SessionConfig::default()
         };
         let mut s = Session::new(cfg);
@@ -797,18 +785,19 @@ proptest! {
         let mut seq = 1u64;
         let mut ts = [0u64; 2];
         let mut k = [0u64; 2];
-        // Per track: (seq, chunk, ts) of every chunk, and the concatenated encoded audio.
-        let mut meta: [Vec<(u64, u64, u64)>; 2] = [Vec::new(), Vec::new()];
+        // Per track: (seq, chunk, ts, length) of every chunk, and the concatenated audio.
+        let mut meta: [Vec<(u64, u64, u64, usize)>; 2] = [Vec::new(), Vec::new()];
         let mut expected: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
         for (i, (outbound, len)) in chunks.iter().enumerate() {
             let ti = usize::from(*outbound);
             let raw: Vec<u8> = (0..*len).map(|j| (j * 31 + i * 7 + seed as usize) as u8).collect();
             seq += 1;
             k[ti] += 1;
-            meta[ti].push((seq, k[ti], ts[ti]));
+            meta[ti].push((seq, k[ti], ts[ti], *len));
             msgs.push(media_json(seq, if *outbound { "outbound" } else { "inbound" }, k[ti], ts[ti], &raw, SID));
+            // Twilio's whole-millisecond stamp: the floor of where the chunk ends.
             ts[ti] += *len as u64 / 8;
-            expected[ti].extend_from_slice(&encode(&cfg, &raw));
+            expected[ti].extend_from_slice(&raw);
         }
         if end_with_stop {
             msgs.push(stop_json(seq + 1));
@@ -828,18 +817,24 @@ proptest! {
             let mine: Vec<&Rec> = out.records.iter().filter(|r| r.track == t).collect();
             let got: Vec<u8> = mine.iter().flat_map(|r| r.payload.iter().copied()).collect();
             prop_assert!(got == expected[t.index()], "concatenation of {:?}", t);
-            let mut first = 0usize;
-            for (i, r) in mine.iter().enumerate() {
-                if i + 1 < mine.len() {
-                    prop_assert_eq!(r.chunks, n, "only the tail is short");
+            // Expected records: a record is full at `n` chunks, and is also cut after a chunk
+            // that ends between two millisecond marks (the next stamp is rounded), so every
+            // record's samples are exactly contiguous from its timestamp.
+            let mut want: Vec<(u64, u64, u64, u32)> = Vec::new();
+            let mut open = false;
+            for (seq, chunk, ts, len) in &meta[t.index()] {
+                if open && want.last().is_some_and(|w| w.3 < n) {
+                    if let Some(w) = want.last_mut() {
+                        w.3 += 1;
+                    }
                 } else {
-                    prop_assert!(r.chunks >= 1 && r.chunks <= n);
+                    want.push((*seq, *chunk, *ts, 1));
                 }
-                let (seq, chunk, ts) = meta[t.index()][first];
-                prop_assert_eq!((r.seq, r.chunk, r.timestamp_ms), (seq, chunk, ts));
-                first += r.chunks as usize;
+                open = len % 8 == 0;
             }
-            prop_assert_eq!(first, meta[t.index()].len());
+            let got_meta: Vec<(u64, u64, u64, u32)> =
+                mine.iter().map(|r| (r.seq, r.chunk, r.timestamp_ms, r.chunks)).collect();
+            prop_assert_eq!(got_meta, want);
         }
         let kinds: Vec<&str> = out.events.iter().map(|e| e.0).collect();
         let end = if end_with_stop { "stop" } else { "disconnect" };

@@ -1,7 +1,7 @@
 //! Fuzzes the per-stream state machine with a message sequence decoded from the input.
 //!
-//! Input layout: byte 0 = session config (bits 0-1: frames_per_record - 1, bit 2: μ-law
-//! records, bit 3: a 100-byte payload cap, bit 4: refuse every third record). Then ops, each one
+//! Input layout: byte 0 = session config (bits 0-1: frames_per_record - 1, bit 2: unused,
+//! bit 3: a 100-byte payload cap, bit 4: refuse every third record). Then ops, each one
 //! byte `op % 8` followed by its operands:
 //! 0 connected · 1 start (1 byte: tracks) · 2 media (track, seq mode, timestamp mode, length,
 //! then `length` payload bytes) · 3 dtmf · 4 mark · 5 stop · 6 unknown event (each: 1 byte seq
@@ -13,10 +13,10 @@
 #![no_main]
 
 use gateway::events::{Event, EventBody};
-use gateway::metrics::DropReason;
+use gateway::metrics::{DropReason, ProtocolErrorKind};
 use gateway::protocol::{parse, Message};
 use gateway::session::{
-    AudioEncoding, AudioRecord, Flow, Publisher, Received, Session, SessionConfig, SessionError,
+    AudioRecord, Flow, Publisher, Received, Session, SessionConfig, SessionError,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -84,11 +84,6 @@ fuzz_target!(|data: &[u8]| {
     let Some(c) = input.byte() else { return };
     let cfg = SessionConfig {
         frames_per_record: 1 + (c & 3) as u32,
-        encoding: if c & 4 != 0 {
-            AudioEncoding::Mulaw
-        } else {
-            AudioEncoding::PcmS16le
-        },
         max_payload_bytes: if c & 8 != 0 { 100 } else { 64 * 1024 },
         max_anomaly_events: 5,
     };
@@ -171,7 +166,7 @@ fuzz_target!(|data: &[u8]| {
         if ended {
             let before = (out.offered, out.events, out.dropped);
             let r = s.handle(&parsed.message, at, &mut out);
-            assert!(matches!(&r, Err(e) if e.kind == "after_stop"), "{r:?}");
+            assert!(matches!(&r, Err(e) if e.kind == ProtocolErrorKind::AfterStop), "{r:?}");
             assert_eq!(before, (out.offered, out.events, out.dropped));
             continue;
         }

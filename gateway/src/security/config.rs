@@ -14,8 +14,8 @@ use std::str::FromStr;
 use clap::Args;
 use serde::Deserialize;
 
-use super::twiml::{ThenVerb, TwimlConfig, TwimlMode};
 use super::url::PublicUrl;
+use crate::twilio_http::twiml::{ThenVerb, TwimlConfig, TwimlMode};
 
 /// A secret (an auth token): `Debug` prints `<redacted>`; only [`Secret::expose`] reveals it.
 #[derive(Clone, PartialEq, Eq)]

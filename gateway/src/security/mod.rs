@@ -10,17 +10,15 @@
 //! - [`tls`]: rustls server configuration from PEM files, swapped atomically on SIGHUP or when
 //!   the files change; live streams keep the session they started with.
 //! - [`limits`]: the handshakes-per-second token bucket checked at accept.
-//! - [`webhook`]: `/twilio/status` (statusCallback → `status` record on the events topic) and
-//!   `/twilio/voice` (TwiML pointing Twilio at this gateway).
-//! - [`twiml`]: TwiML rendering and XML escaping (pure).
+//!
+//! Twilio's HTTP endpoints (`/twilio/status`, `/twilio/voice`) live in
+//! [`crate::twilio_http`]; the allow-list and trusted proxies in [`crate::server::access`].
 
 pub mod config;
 pub mod limits;
 pub mod signature;
 pub mod tls;
-pub mod twiml;
 pub mod url;
-pub mod webhook;
 
 use std::sync::Arc;
 
@@ -29,8 +27,8 @@ use tokio::sync::Semaphore;
 use self::config::SecurityConfig;
 use self::signature::SignatureValidator;
 use self::tls::TlsReloader;
-use self::twiml::TwimlConfig;
 use self::url::PublicUrl;
+use crate::twilio_http::twiml::TwimlConfig;
 
 /// Run-time security state of the stream listener, shared by every connection.
 pub struct Security {
@@ -87,8 +85,8 @@ impl Security {
             (Some(_), Some(url)) => tracing::info!(
                 public_url = url.as_str(),
                 tokens = cfg.tokens.len(),
-                status_callback = %url.webhook_url(webhook::STATUS_PATH),
-                twiml = %url.webhook_url(webhook::VOICE_PATH),
+                status_callback = %url.webhook_url(crate::twilio_http::STATUS_PATH),
+                twiml = %url.webhook_url(crate::twilio_http::VOICE_PATH),
                 "Twilio signature validation on (upgrade and webhooks)"
             ),
             _ => tracing::warn!(

@@ -15,23 +15,7 @@ use super::config::Secret;
 type HmacSha1 = Hmac<Sha1>;
 
 /// Why a signature was refused (the `reason` label of `gateway_signature_rejections_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    /// No `X-Twilio-Signature` header.
-    Missing,
-    /// Present but matches no token and URL form (including undecodable values).
-    Invalid,
-}
-
-impl Rejection {
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Rejection::Missing => "missing",
-            Rejection::Invalid => "invalid",
-        }
-    }
-}
+pub use crate::metrics::SignatureRejection as Rejection;
 
 /// The configured auth tokens (primary first). Holds secrets: no `Debug`.
 pub struct SignatureValidator {

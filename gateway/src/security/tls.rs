@@ -142,32 +142,16 @@ impl TlsReloader {
         }
     }
 
-    /// Registers the SIGHUP handler now (so SIGHUP never kills the process) and spawns the
-    /// task that reloads on SIGHUP and polls the files every `poll`.
+    /// Spawns the task that reloads when either file changes (polled every `poll`). SIGHUP
+    /// reloads too: the process's signal handler calls [`Self::reload`].
     pub fn spawn_watcher(self: &Arc<Self>, poll: Duration) -> tokio::task::JoinHandle<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "no SIGHUP handler: certificate reload by file change only");
-                None
-            }
-        };
         let this = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
-                let hup_recv = async {
-                    match hup.as_mut() {
-                        Some(h) => h.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    _ = hup_recv => { let _ = this.reload("SIGHUP"); }
-                    _ = tick.tick() => this.reload_if_changed(),
-                }
+                tick.tick().await;
+                this.reload_if_changed();
             }
         })
     }

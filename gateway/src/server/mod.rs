@@ -1,213 +1,145 @@
-//! The stream listener: accept TCP, speak HTTP/1.1 with hyper, check the request, upgrade to
-//! WebSocket, and spawn one [`crate::connection`] task per stream.
+//! The stream listener: accept TCP, apply the connection limits, read an optional PROXY header,
+//! terminate TLS, speak HTTP/1.1 with hyper, and hand upgraded WebSockets to
+//! [`crate::connection`].
 //!
-//! Checks happen **before** `fastwebsockets::upgrade` (which only validates the key and
-//! version): path (`404`), method and upgrade headers (`400`/`426`), Twilio signature (`403`,
-//! see [`crate::security`]), draining and capacity
-//! (`503`, so Twilio fails over with 31920 instead of us accepting audio we cannot carry). A
-//! `Semaphore` permit moved into each connection task caps concurrent streams. Connection errors
-//! are logged inside their task and never reach the accept loop. Below hyper the socket is
-//! plain TCP or a rustls stream (`--tls-cert`); `/twilio/*` requests go to
-//! [`crate::security::webhook`].
+//! - [`access`]: `--allow-cidr`, `--trusted-proxy`, `--max-handshakes-per-source`.
+//! - [`proxy_protocol`]: PROXY v1/v2 from trusted proxies.
+//! - [`upgrade`]: the request handler: path, signature, draining and capacity checks *before*
+//!   the WebSocket upgrade; `/twilio/*` goes to [`crate::twilio_http`].
+//!
+//! Every refusal is counted in `gateway_http_rejections_total{reason}`, including the ones
+//! hyper answers itself (431 for an oversized head) and handshakes that time out. Connection
+//! errors are logged inside their task and never reach the accept loop.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+pub mod access;
+pub mod proxy_protocol;
+pub mod upgrade;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use fastwebsockets::{Role, WebSocket};
-use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
-use crate::connection::{self, ConnectionConfig};
+use self::access::{AccessControl, SourcePermit};
+use self::proxy_protocol::{Prefixed, ProxyHeader};
+use crate::connection::ConnectionConfig;
+use crate::log_limit::LogLimiter;
+use crate::metrics::{HttpRejection, LogSite, Metrics};
 use crate::security::limits::TokenBucket;
-use crate::security::{webhook, Security};
-use crate::shutdown::Shutdown;
+use crate::security::Security;
+use crate::shutdown::{Shutdown, TaskTracker};
 use crate::sink::Sink;
-use crate::watchdog::{Watchdog, WatchdogConfig};
+use crate::watchdog::WatchdogConfig;
+
+static REFUSED_LOG: LogLimiter = LogLimiter::new(LogSite::Refused, 10, 10_000);
+
+/// Settings of the stream listener (validated by `config`).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The WebSocket path (e.g. `/stream`).
+    pub ws_path: String,
+    /// `--max-streams`.
+    pub max_streams: usize,
+    /// Time from accept to a complete request head (TLS and PROXY header included).
+    pub handshake_timeout: Duration,
+    /// Cap on the HTTP request head.
+    pub max_header_bytes: usize,
+    /// Per-connection settings.
+    pub connection: ConnectionConfig,
+    /// Idle/ping settings applied after the upgrade.
+    pub watchdog: WatchdogConfig,
+    /// Who may connect.
+    pub access: access::AccessConfig,
+}
 
 /// Everything the listener needs; shared by all connections.
 pub struct ServerContext {
     /// Kafka sink handle (cloned into each stream).
     pub sink: Sink,
-    /// Per-connection settings.
-    pub connection: ConnectionConfig,
-    /// Idle/ping settings applied after the upgrade.
-    pub watchdog: WatchdogConfig,
-    /// The WebSocket path (e.g. `/stream`).
-    pub ws_path: String,
+    /// Process metrics.
+    pub metrics: Arc<Metrics>,
+    /// Listener settings.
+    pub config: ServerConfig,
     /// Permits = `--max-streams`.
     pub permits: Arc<Semaphore>,
-    /// `--max-streams`.
-    pub max_streams: usize,
-    /// Time allowed from accept to a complete request head.
-    pub handshake_timeout: Duration,
-    /// Cap on the HTTP request head (request line + headers).
-    pub max_header_bytes: usize,
     /// Drain state.
     pub shutdown: Arc<Shutdown>,
     /// TLS, signature checks, Twilio endpoints, handshake caps.
     pub security: Security,
+    /// Allow-list, trusted proxies, per-source caps.
+    pub access: Arc<AccessControl>,
+    /// Handshake and connection tasks, awaited by the drain.
+    pub tasks: TaskTracker,
+    /// Bidirectional streams: the playback downlink (`None` with `--playback=false`).
+    pub playback: Option<crate::playback::Playback>,
     next_conn_id: AtomicU64,
 }
 
 impl ServerContext {
     /// Bundles the server's shared state.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         sink: Sink,
-        connection: ConnectionConfig,
-        watchdog: WatchdogConfig,
-        ws_path: String,
-        max_streams: usize,
-        handshake_timeout: Duration,
-        max_header_bytes: usize,
+        config: ServerConfig,
         shutdown: Arc<Shutdown>,
         security: Security,
+        playback: Option<crate::playback::Playback>,
     ) -> Arc<Self> {
         Arc::new(ServerContext {
+            playback,
+            metrics: sink.metrics().clone(),
             sink,
-            connection,
-            watchdog,
-            ws_path,
-            permits: Arc::new(Semaphore::new(max_streams)),
-            max_streams,
-            handshake_timeout,
-            max_header_bytes,
+            permits: Arc::new(Semaphore::new(config.max_streams)),
+            access: AccessControl::new(config.access.clone()),
+            config,
             shutdown,
             security,
+            tasks: TaskTracker::new(),
             next_conn_id: AtomicU64::new(1),
         })
     }
 
     /// Streams currently holding a permit.
     pub fn open_streams(&self) -> usize {
-        self.max_streams - self.permits.available_permits()
+        self.config.max_streams - self.permits.available_permits()
     }
-}
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain"),
-    );
-    r
-}
+    /// The next connection id (for logs).
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
 
-async fn handle(
-    ctx: Arc<ServerContext>,
-    mut req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let metrics = ctx.sink.metrics();
-    if webhook::is_webhook_path(req.uri().path()) {
-        return Ok(webhook::handle(&ctx, req, peer).await);
-    }
-    if req.uri().path() != ctx.ws_path {
-        metrics.http_rejected("not_found");
-        return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
-    }
-    if req.method() != Method::GET || !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        metrics.http_rejected("not_websocket");
-        let mut r = text(StatusCode::UPGRADE_REQUIRED, "websocket upgrade required\n");
-        r.headers_mut().insert(
-            hyper::header::UPGRADE,
-            hyper::header::HeaderValue::from_static("websocket"),
-        );
-        return Ok(r);
-    }
-    // Twilio signs the configured public wss:// URL; the request's own Host and path only
-    // had to match the listener (the path check above).
-    if let Some(validator) = &ctx.security.validator {
-        let sig = req
-            .headers()
-            .get("x-twilio-signature")
-            .map(|v| v.as_bytes());
-        if let Err(why) = validator.verify(sig, &ctx.security.stream_urls, b"") {
-            metrics.signature_rejected(why.as_str());
-            metrics.http_rejected("signature");
-            tracing::warn!(%peer, reason = why.as_str(), "stream refused: bad Twilio signature");
-            return Ok(text(StatusCode::FORBIDDEN, "invalid signature\n"));
+    /// Counts a refusal and logs it (rate-limited).
+    pub fn refuse(&self, reason: HttpRejection, peer: SocketAddr) {
+        self.metrics.http_rejections[reason].inc();
+        if let Some(suppressed) = REFUSED_LOG.check(&self.metrics) {
+            tracing::debug!(%peer, reason = reason.as_str(), suppressed, "connection refused");
         }
     }
-    if ctx.shutdown.is_draining() {
-        metrics.http_rejected("draining");
-        return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"));
-    }
-    let Ok(permit) = ctx.permits.clone().try_acquire_owned() else {
-        metrics.http_rejected("capacity");
-        tracing::warn!(%peer, max_streams = ctx.max_streams, "refused stream: at capacity");
-        return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "at capacity\n"));
-    };
-    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(x) => x,
-        Err(e) => {
-            metrics.http_rejected("bad_upgrade");
-            tracing::debug!(%peer, error = %e, "bad websocket upgrade");
-            return Ok(text(StatusCode::BAD_REQUEST, "bad websocket upgrade\n"));
-        }
-    };
-    let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let ctx2 = ctx.clone();
-    tokio::spawn(async move {
-        let _permit = permit; // released when the stream ends, on every path
-        let ws = match fut.await {
-            Ok(ws) => ws,
-            Err(e) => {
-                tracing::debug!(conn_id, %peer, error = %e, "upgrade did not complete");
-                return;
-            }
-        };
-        // Re-wrap the upgraded socket with the watchdog; the read buffer is still empty here.
-        let io = Watchdog::new(
-            ws.into_inner(),
-            ctx2.watchdog,
-            ctx2.shutdown.force_close_flag(),
-        );
-        let ws = WebSocket::after_handshake(io, Role::Server);
-        tracing::debug!(conn_id, %peer, "websocket open");
-        connection::serve(ws, ctx2.sink.clone(), ctx2.connection, conn_id).await;
-    });
-    Ok(response.map(|_| Full::new(Bytes::new())))
 }
 
-/// Serves HTTP/1.1 on `io` (plain TCP or TLS) until the upgrade or `budget` runs out.
-async fn serve_http<I>(io: I, ctx: Arc<ServerContext>, peer: SocketAddr, budget: Duration)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let svc_ctx = ctx.clone();
-    let svc = service_fn(move |req| handle(svc_ctx.clone(), req, peer));
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(budget)
-        .max_buf_size(ctx.max_header_bytes.max(8192))
-        .serve_connection(TokioIo::new(io), svc)
-        .with_upgrades();
-    match tokio::time::timeout(budget, conn).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "http connection error"),
-        Err(_) => tracing::debug!(%peer, "handshake timeout"),
-    }
+/// Who the client is, as far as the connection layer knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// The TCP peer, or the address a trusted proxy's PROXY header gave.
+    Known(IpAddr),
+    /// A trusted proxy without a PROXY header: `X-Forwarded-For` names the client.
+    Forwarded,
 }
 
 /// Accepts connections until draining begins. Returns then; open streams continue.
 ///
 /// Before any TLS or HTTP work a connection must take a token from the
-/// `--max-handshakes-per-second` bucket and a `--max-concurrent-handshakes` permit (held
-/// until the upgrade or the end of the HTTP exchange); otherwise it is closed at once and
-/// counted. With TLS, `--handshake-timeout` covers the TLS handshake and the request head.
+/// `--max-handshakes-per-second` bucket, pass the allow-list and take a per-source and a
+/// global handshake permit (held until the upgrade or the end of the HTTP exchange); otherwise
+/// it is closed at once and counted.
 pub async fn run(listener: TcpListener, ctx: Arc<ServerContext>) {
     let mut bucket = TokenBucket::new(
         ctx.security.handshakes_per_second,
@@ -227,44 +159,136 @@ pub async fn run(listener: TcpListener, ctx: Arc<ServerContext>) {
                 continue;
             }
         };
-        let metrics = ctx.sink.metrics();
         if let Some(bucket) = bucket.as_mut() {
             if !bucket.try_take(std::time::Instant::now()) {
-                metrics.http_rejected("handshake_rate");
-                tracing::debug!(%peer, "connection closed: --max-handshakes-per-second");
+                ctx.refuse(HttpRejection::HandshakeRate, peer);
                 continue;
             }
         }
+        let trusted = ctx.access.is_trusted_proxy(peer.ip());
+        let source_permit = if trusted {
+            None // checked once the PROXY header names the client
+        } else {
+            if !ctx.access.allowed(peer.ip()) {
+                ctx.refuse(HttpRejection::NotAllowed, peer);
+                continue;
+            }
+            match ctx.access.source_permit(peer.ip()) {
+                Some(p) => Some(p),
+                None => {
+                    ctx.refuse(HttpRejection::SourceConcurrency, peer);
+                    continue;
+                }
+            }
+        };
         let Ok(handshake_permit) = ctx.security.handshakes.clone().try_acquire_owned() else {
-            metrics.http_rejected("handshake_concurrency");
-            tracing::debug!(%peer, "connection closed: --max-concurrent-handshakes");
+            ctx.refuse(HttpRejection::HandshakeConcurrency, peer);
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        let guard = ctx.tasks.track();
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let _guard = guard;
             let _handshake_permit = handshake_permit;
-            let budget = ctx.handshake_timeout;
-            let Some(tls) = &ctx.security.tls else {
-                serve_http(tcp, ctx.clone(), peer, budget).await;
-                return;
-            };
-            let started = std::time::Instant::now();
-            match tokio::time::timeout(budget, tls.acceptor().accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    let left = budget.saturating_sub(started.elapsed());
-                    serve_http(stream, ctx.clone(), peer, left).await;
-                }
-                Ok(Err(e)) => {
-                    ctx.sink.metrics().http_rejected("tls_handshake");
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    ctx.sink.metrics().http_rejected("tls_handshake");
-                    tracing::debug!(%peer, "TLS handshake timeout");
-                }
-            }
+            handshake(ctx, tcp, peer, trusted, source_permit).await;
         });
     }
     tracing::info!("stopped accepting new streams");
+}
+
+/// PROXY header (trusted proxies), TLS, then HTTP, all within `--handshake-timeout`.
+async fn handshake(
+    ctx: Arc<ServerContext>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    trusted: bool,
+    mut source_permit: Option<SourcePermit>,
+) {
+    let deadline = Instant::now() + ctx.config.handshake_timeout;
+    let (client, io) = if trusted {
+        match tokio::time::timeout_at(deadline, proxy_protocol::read_header(tcp)).await {
+            Ok(Ok((ProxyHeader::Client(addr), io))) => {
+                if !ctx.access.allowed(addr.ip()) {
+                    ctx.refuse(HttpRejection::NotAllowed, addr);
+                    return;
+                }
+                match ctx.access.source_permit(addr.ip()) {
+                    Some(p) => source_permit = Some(p),
+                    None => {
+                        ctx.refuse(HttpRejection::SourceConcurrency, addr);
+                        return;
+                    }
+                }
+                (Client::Known(addr.ip()), io)
+            }
+            // The proxy's own health checks.
+            Ok(Ok((ProxyHeader::Local, io))) => (Client::Known(peer.ip()), io),
+            Ok(Ok((ProxyHeader::Absent, io))) => (Client::Forwarded, io),
+            Ok(Err(e)) => {
+                ctx.refuse(HttpRejection::ProxyProtocol, peer);
+                tracing::debug!(%peer, error = %e, "bad PROXY header");
+                return;
+            }
+            Err(_) => {
+                ctx.refuse(HttpRejection::HandshakeTimeout, peer);
+                return;
+            }
+        }
+    } else {
+        (Client::Known(peer.ip()), Prefixed::new(tcp))
+    };
+    let _source_permit = source_permit;
+    let Some(tls) = &ctx.security.tls else {
+        serve_http(io, ctx.clone(), peer, client, deadline).await;
+        return;
+    };
+    match tokio::time::timeout_at(deadline, tls.acceptor().accept(io)).await {
+        Ok(Ok(stream)) => serve_http(stream, ctx.clone(), peer, client, deadline).await,
+        Ok(Err(e)) => {
+            ctx.refuse(HttpRejection::TlsHandshake, peer);
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => ctx.refuse(HttpRejection::HandshakeTimeout, peer),
+    }
+}
+
+/// Serves HTTP/1.1 on `io` (plain or TLS) until the upgrade, the end of the exchange or the
+/// deadline.
+async fn serve_http<I>(
+    io: I,
+    ctx: Arc<ServerContext>,
+    peer: SocketAddr,
+    client: Client,
+    deadline: Instant,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let served = Arc::new(AtomicBool::new(false));
+    let svc_ctx = ctx.clone();
+    let svc_served = served.clone();
+    let svc = service_fn(move |req| {
+        svc_served.store(true, Ordering::Relaxed);
+        upgrade::handle(svc_ctx.clone(), req, peer, client)
+    });
+    let budget = deadline.saturating_duration_since(Instant::now());
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(budget)
+        .max_buf_size(ctx.config.max_header_bytes.max(8192))
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    match tokio::time::timeout_at(deadline, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.is_parse_too_large() => ctx.refuse(HttpRejection::HeaderTooLarge, peer),
+        Ok(Err(e)) if e.is_timeout() && !served.load(Ordering::Relaxed) => {
+            ctx.refuse(HttpRejection::HandshakeTimeout, peer)
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "http connection error"),
+        // A connection that completed requests and then idled is not a refused handshake.
+        Err(_) if !served.load(Ordering::Relaxed) => {
+            ctx.refuse(HttpRejection::HandshakeTimeout, peer)
+        }
+        Err(_) => {}
+    }
 }

@@ -1,7 +1,6 @@
 //! State machine tests with an in-memory publisher.
 
 use super::*;
-use crate::protocol::audio::ulaw_to_linear;
 use crate::protocol::parse;
 
 /// Records everything a session publishes.
@@ -9,8 +8,8 @@ use crate::protocol::parse;
 pub(crate) struct Recorder {
     pub audio: Vec<(Track, u64, u64, u64, u32, Vec<u8>)>,
     pub events: Vec<serde_json::Value>,
-    pub errors: Vec<&'static str>,
-    pub anomalies: Vec<&'static str>,
+    pub errors: Vec<ProtocolErrorKind>,
+    pub anomalies: Vec<AnomalyKind>,
     pub dropped: Vec<(DropReason, u64)>,
     pub refuse_audio: bool,
 }
@@ -35,10 +34,10 @@ impl Publisher for Recorder {
         crate::events::write_json(e, "test", &mut out);
         self.events.push(serde_json::from_slice(&out).unwrap());
     }
-    fn protocol_error(&mut self, kind: &'static str) {
+    fn protocol_error(&mut self, kind: ProtocolErrorKind) {
         self.errors.push(kind);
     }
-    fn anomaly(&mut self, kind: &'static str) {
+    fn anomaly(&mut self, kind: AnomalyKind) {
         self.anomalies.push(kind);
     }
     fn frames_dropped(&mut self, reason: DropReason, n: u64) {
@@ -76,14 +75,8 @@ fn feed(s: &mut Session, out: &mut Recorder, json: &str) -> Result<Flow, Session
     )
 }
 
-fn pcm(raw: &[u8]) -> Vec<u8> {
-    raw.iter()
-        .flat_map(|&c| ulaw_to_linear(c).to_le_bytes())
-        .collect()
-}
-
 #[test]
-fn full_lifecycle_publishes_bit_exact_pcm_and_events() {
+fn full_lifecycle_publishes_the_exact_audio_and_events() {
     let mut s = Session::new(SessionConfig::default());
     let mut out = Recorder::default();
     assert_eq!(
@@ -115,8 +108,9 @@ fn full_lifecycle_publishes_bit_exact_pcm_and_events() {
         Ok(Flow::Stopped)
     );
     assert_eq!(out.audio.len(), 2);
-    assert_eq!(out.audio[0], (Track::Inbound, 2, 1, 0, 1, pcm(&a)));
-    assert_eq!(out.audio[1], (Track::Outbound, 3, 1, 0, 1, pcm(&b)));
+    // Records carry the μ-law bytes; the Kafka path converts them to the output encoding.
+    assert_eq!(out.audio[0], (Track::Inbound, 2, 1, 0, 1, a.clone()));
+    assert_eq!(out.audio[1], (Track::Outbound, 3, 1, 0, 1, b.clone()));
     let types: Vec<&str> = out
         .events
         .iter()
@@ -131,7 +125,10 @@ fn full_lifecycle_publishes_bit_exact_pcm_and_events() {
     assert!(out.anomalies.is_empty());
     // Anything after stop is an error.
     let err = feed(&mut s, &mut out, &media_json(7, "inbound", 2, 20, &a)).unwrap_err();
-    assert_eq!((err.close_code, err.kind), (1008, "after_stop"));
+    assert_eq!(
+        (err.close_code, err.kind),
+        (1008, ProtocolErrorKind::AfterStop)
+    );
 }
 
 #[test]
@@ -139,18 +136,24 @@ fn missing_connected_is_fine_and_media_before_start_is_an_error() {
     let mut s = Session::new(SessionConfig::default());
     let mut out = Recorder::default();
     let err = feed(&mut s, &mut out, &media_json(2, "inbound", 1, 0, &[1, 2])).unwrap_err();
-    assert_eq!((err.close_code, err.kind), (1008, "media_before_start"));
+    assert_eq!(
+        (err.close_code, err.kind),
+        (1008, ProtocolErrorKind::MediaBeforeStart)
+    );
     s.fail(&err, Received::default(), &mut out);
     assert_eq!(out.events.len(), 1);
     assert_eq!(out.events[0]["type"], "error");
     assert!(out.events[0]["stream_sid"].is_null());
-    assert_eq!(out.errors, ["media_before_start"]);
+    assert_eq!(out.errors, [ProtocolErrorKind::MediaBeforeStart]);
 
     let mut s = Session::new(SessionConfig::default());
     let mut out = Recorder::default();
     feed(&mut s, &mut out, &start_json(r#""inbound""#)).unwrap();
     let err = feed(&mut s, &mut out, &start_json(r#""inbound""#)).unwrap_err();
-    assert_eq!((err.close_code, err.kind), (1008, "duplicate_start"));
+    assert_eq!(
+        (err.close_code, err.kind),
+        (1008, ProtocolErrorKind::DuplicateStart)
+    );
 }
 
 #[test]
@@ -165,7 +168,11 @@ fn sequence_and_timestamp_anomalies_are_reported_not_fatal() {
     feed(&mut s, &mut out, &media_json(6, "inbound", 4, 200, &a)).unwrap(); // ts jump
     assert_eq!(
         out.anomalies,
-        ["seq_gap", "seq_regression", "timestamp_jump"]
+        [
+            AnomalyKind::SeqGap,
+            AnomalyKind::SeqRegression,
+            AnomalyKind::TimestampJump
+        ]
     );
     let gaps: Vec<_> = out
         .events
@@ -216,10 +223,7 @@ fn batching_concatenates_and_flushes_tail_and_on_jumps() {
         (track, first_seq, first_chunk, ts, n),
         (Track::Inbound, 2, 1, 0, 3)
     );
-    assert_eq!(
-        payload,
-        [pcm(&chunk(0)), pcm(&chunk(1)), pcm(&chunk(2))].concat()
-    );
+    assert_eq!(payload, [chunk(0), chunk(1), chunk(2)].concat());
     // A jump flushes the pending chunk before the new one.
     feed(
         &mut s,
@@ -270,32 +274,98 @@ fn bad_payload_and_mismatched_sid_are_errors() {
     let mut out = Recorder::default();
     feed(&mut s, &mut out, &start_json(r#""inbound""#)).unwrap();
     let err = feed(&mut s, &mut out, r#"{"event":"media","sequenceNumber":"2","media":{"track":"inbound","chunk":"1","timestamp":"0","payload":"@@@@"}}"#).unwrap_err();
-    assert_eq!((err.close_code, err.kind), (1007, "invalid_base64"));
+    assert_eq!(
+        (err.close_code, err.kind),
+        (1007, ProtocolErrorKind::InvalidBase64)
+    );
     let err = feed(
         &mut s,
         &mut out,
         r#"{"event":"mark","sequenceNumber":"3","streamSid":"MZ2","mark":{"name":"x"}}"#,
     )
     .unwrap_err();
-    assert_eq!((err.close_code, err.kind), (1008, "stream_sid_mismatch"));
+    assert_eq!(
+        (err.close_code, err.kind),
+        (1008, ProtocolErrorKind::StreamSidMismatch)
+    );
     let mut s = Session::new(SessionConfig::default());
     let err = feed(&mut s, &mut out, r#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"mediaFormat":{"encoding":"audio/l16","sampleRate":16000,"channels":1}}}"#).unwrap_err();
     assert_eq!(
         (err.close_code, err.kind),
-        (1008, "unsupported_media_format")
+        (1008, ProtocolErrorKind::UnsupportedMediaFormat)
     );
 }
 
-#[test]
-fn mulaw_encoding_passes_raw_bytes() {
-    let cfg = SessionConfig {
-        encoding: AudioEncoding::Mulaw,
+/// Feeds `chunks` = (timestamp ms, payload length) to a batching session and returns the
+/// records as (timestamp, chunks, bytes) and the anomaly count.
+fn continuity(chunks: &[(u64, usize)], per_record: u32) -> (Vec<(u64, u32, usize)>, usize) {
+    let mut s = Session::new(SessionConfig {
+        frames_per_record: per_record,
         ..Default::default()
-    };
-    let mut s = Session::new(cfg);
+    });
     let mut out = Recorder::default();
     feed(&mut s, &mut out, &start_json(r#""inbound""#)).unwrap();
-    let raw: Vec<u8> = (0..=255).collect();
-    feed(&mut s, &mut out, &media_json(2, "inbound", 1, 0, &raw)).unwrap();
-    assert_eq!(out.audio[0].5, raw);
+    for (i, (ts, len)) in chunks.iter().enumerate() {
+        let raw = vec![0x55u8; *len];
+        let json = if *len == 0 {
+            format!(
+                r#"{{"event":"media","sequenceNumber":"{}","media":{{"track":"inbound","chunk":"{}","timestamp":"{ts}","payload":""}}}}"#,
+                i + 2,
+                i + 1
+            )
+        } else {
+            media_json(i as u64 + 2, "inbound", i as u64 + 1, *ts, &raw)
+        };
+        feed(&mut s, &mut out, &json).unwrap();
+    }
+    s.disconnect("eof", Received::default(), &mut out);
+    let records = out
+        .audio
+        .iter()
+        .map(|(_, _, _, ts, n, p)| (*ts, *n, p.len()))
+        .collect();
+    (records, out.anomalies.len())
+}
+
+#[test]
+fn one_missing_chunk_is_reported_and_never_spliced_into_a_record() {
+    // Before the fix a single missing 20 ms chunk passed unreported and its neighbours shared a
+    // record, placing the later samples 20 ms early.
+    let (records, anomalies) = continuity(&[(0, 160), (20, 160), (60, 160), (80, 160)], 5);
+    assert_eq!(records, [(0, 2, 320), (60, 2, 320)]);
+    assert_eq!(anomalies, 1);
+}
+
+#[test]
+fn duplicates_and_backward_steps_are_anomalies_and_cut_the_batch() {
+    let (records, anomalies) = continuity(&[(0, 160), (0, 160), (20, 160)], 5);
+    assert_eq!(records, [(0, 1, 160), (0, 2, 320)]);
+    assert_eq!(anomalies, 1);
+    let (records, anomalies) = continuity(&[(0, 160), (20, 160), (30, 160), (50, 160)], 5);
+    assert_eq!(records, [(0, 2, 320), (30, 2, 320)]);
+    assert_eq!(anomalies, 1);
+}
+
+#[test]
+fn the_hole_of_an_empty_payload_is_not_spliced_out() {
+    // 20 ms at 20 arrived empty: the chunk at 40 does not continue the record at 0.
+    let (records, anomalies) = continuity(&[(0, 160), (20, 0), (40, 160), (60, 160)], 5);
+    assert_eq!(records, [(0, 1, 160), (40, 2, 320)]);
+    assert_eq!(anomalies, 1);
+}
+
+#[test]
+fn whole_millisecond_rounding_of_odd_lengths_is_tolerated_but_still_cuts() {
+    // 100 bytes = 12.5 ms: Twilio can only stamp the next chunk 12 or 13.
+    for next in [12, 13] {
+        let (records, anomalies) = continuity(&[(0, 100), (next, 160)], 5);
+        assert_eq!(records, [(0, 1, 100), (next, 1, 160)]);
+        assert_eq!(anomalies, 0, "next at {next}");
+    }
+    let (records, anomalies) = continuity(&[(0, 100), (14, 160)], 5);
+    assert_eq!(records.len(), 2);
+    assert_eq!(anomalies, 1);
+    // Contiguous chunks still batch.
+    let (records, anomalies) = continuity(&[(0, 160), (20, 160), (40, 160)], 5);
+    assert_eq!((records, anomalies), (vec![(0, 3, 480)], 0));
 }

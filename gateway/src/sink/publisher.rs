@@ -1,36 +1,38 @@
-//! The per-connection side of the sink: builds Kafka records for one stream.
+//! The connection side of the sink: turns a session's audio records and events into compact
+//! records for the drain thread.
 //!
-//! Record building does no Rust allocation: numbers are formatted with `itoa` into stack
-//! buffers and librdkafka copies key, value and headers into its own queue
-//! (`RD_KAFKA_MSG_F_COPY`). The only heap work is librdkafka's own per-record bookkeeping.
+//! Per audio record this does one compare-and-swap on the budget, one allocation for the
+//! payload copy (the μ-law bytes, not the expanded PCM), a reference-count increment on the
+//! stream entry and one lock-free channel send. Headers, PCM expansion and the librdkafka call
+//! happen on the drain thread.
 
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use super::context::pack_opaque;
-use super::{record_cost, OverflowPolicy, Sink};
-use crate::events::{write_json, Event};
-use crate::metrics::DropReason;
+use super::record::{Kind, SpoolRecord};
+use super::stream::StreamEntry;
+use super::{OverflowPolicy, Sink, Topics};
+use crate::events::{write_json, Event, EventBody, StreamIds, TerminalInfo};
+use crate::log_limit::LogLimiter;
+use crate::metrics::{AnomalyKind, DropReason, LogSite, ProtocolErrorKind};
+use crate::playback::{Downlink, PlaybackRoute};
+use crate::protocol::Track;
 use crate::session::{AudioRecord, Publisher};
 
-/// A connection's publisher: a sink handle plus reusable scratch.
+static DROP_LOG: LogLimiter = LogLimiter::new(LogSite::FrameDropped, 10, 10_000);
+
+/// A connection's publisher: a sink handle, the stream's entry once `start` arrived, scratch.
 pub struct ConnectionPublisher {
     sink: Sink,
+    stream: Option<Arc<StreamEntry>>,
     /// Reused JSON buffer for events.
     event_buf: Vec<u8>,
-    /// Whether this connection already logged a dropped frame (log once, count always).
+    /// Whether this stream already logged a dropped frame (log once per stream, count always).
     logged_drop: bool,
     /// Set when the `disconnect` overflow policy wants this stream closed.
     backpressure_close: bool,
-}
-
-fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
-    Header {
-        key,
-        value: Some(value),
-    }
+    /// The stream's downlink (bidirectional streams), when playback is on.
+    downlink: Option<Downlink>,
 }
 
 impl ConnectionPublisher {
@@ -38,192 +40,192 @@ impl ConnectionPublisher {
     pub fn new(sink: Sink) -> Self {
         ConnectionPublisher {
             sink,
+            stream: None,
             event_buf: Vec::with_capacity(256),
             logged_drop: false,
             backpressure_close: false,
+            downlink: None,
         }
+    }
+
+    /// A publisher whose stream can receive playback through `downlink`.
+    pub fn with_downlink(sink: Sink, downlink: Downlink) -> Self {
+        let mut p = ConnectionPublisher::new(sink);
+        p.downlink = Some(downlink);
+        p
+    }
+
+    /// The process metrics.
+    pub fn metrics(&self) -> &std::sync::Arc<crate::metrics::Metrics> {
+        self.sink.metrics()
+    }
+
+    /// The stream's downlink, if any.
+    pub fn downlink(&self) -> Option<&Downlink> {
+        self.downlink.as_ref()
     }
 
     /// True once the `disconnect` overflow policy asked for this stream to be closed.
     pub fn backpressure_close(&self) -> bool {
         self.backpressure_close
     }
-}
 
-/// Applies the overflow policy when a record does not fit the budget.
-fn overflow(inner: &super::Inner, backpressure_close: &mut bool) {
-    match inner.overflow {
-        OverflowPolicy::DropNewest => {}
-        OverflowPolicy::Disconnect => *backpressure_close = true,
-        OverflowPolicy::DropOldest => {
-            let now = crate::mono_micros();
-            let last = inner
-                .last_purge_us
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if now.saturating_sub(last) >= 100_000
-                && inner
-                    .last_purge_us
-                    .compare_exchange(
-                        last,
-                        now,
-                        std::sync::atomic::Ordering::Relaxed,
-                        std::sync::atomic::Ordering::Relaxed,
-                    )
-                    .is_ok()
-            {
-                tracing::warn!("in-flight budget full: purging queued records (drop-oldest)");
-                inner
-                    .producer
-                    .purge(rdkafka::producer::PurgeConfig::default().queue());
-            }
-        }
-    }
-}
-
-impl ConnectionPublisher {
-    /// The sink this publisher writes to.
-    pub fn sink(&self) -> &Sink {
-        &self.sink
+    /// The stream's entry, once `start` arrived.
+    pub fn stream(&self) -> Option<&Arc<StreamEntry>> {
+        self.stream.as_ref()
     }
 
-    fn classify(err: &KafkaError) -> DropReason {
-        match err.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::QueueFull) => DropReason::QueueFull,
-            Some(RDKafkaErrorCode::MessageSizeTooLarge) => DropReason::TooLarge,
-            _ => DropReason::ProduceError,
+    fn entry(&mut self, ids: &StreamIds) -> &Arc<StreamEntry> {
+        let sink = &self.sink;
+        self.stream
+            .get_or_insert_with(|| sink.new_stream(ids.clone()))
+    }
+
+    /// Sends an event record (never refused for budget reasons).
+    fn send_event(&mut self, r: SpoolRecord) {
+        let m = &self.sink.shared.metrics;
+        let cost = r.compact_cost();
+        self.sink.shared.budget.charge(cost);
+        if self.sink.send(r).is_err() {
+            self.sink.shared.budget.credit(cost);
+            m.events_dropped.inc();
         }
     }
 }
 
 impl Publisher for ConnectionPublisher {
     fn publish_audio(&mut self, r: &AudioRecord<'_>) -> Result<(), DropReason> {
-        let inner = &*self.sink.inner;
-        let cost = record_cost(r.ids.stream_sid.len(), r.payload.len());
-        let inflight = &inner.metrics.inflight_bytes;
-        // Check, then charge: two connections racing can each overshoot by one record, which
-        // is why librdkafka's own limit sits 25 % above the budget.
-        let before = inflight.get() as u64;
-        if before + cost > inner.budget {
-            overflow(inner, &mut self.backpressure_close);
-            let reason = DropReason::QueueFull;
+        let overflow = self.sink.shared.overflow;
+        let entry = self.entry(r.ids).clone();
+        let shared = &self.sink.shared;
+        let cost = r.payload.len() as u64 + super::record::COMPACT_OVERHEAD;
+        if !shared
+            .budget
+            .try_admit(cost, overflow == OverflowPolicy::DropOldest)
+        {
+            if overflow == OverflowPolicy::Disconnect {
+                self.backpressure_close = true;
+            }
             if !self.logged_drop {
                 self.logged_drop = true;
-                tracing::warn!(stream_sid = %r.ids.stream_sid, call_sid = %r.ids.call_sid, reason = reason.as_str(),
-                    inflight_bytes = before, budget = inner.budget, policy = inner.overflow.as_str(),
-                    "in-flight budget full: audio frame dropped (further drops on this stream are only counted)");
+                if let Some(suppressed) = DROP_LOG.check(&shared.metrics) {
+                    tracing::warn!(stream_sid = %r.ids.stream_sid, call_sid = %r.ids.call_sid,
+                        suppressed, "audio dropped: in-flight budget full (further drops on this stream are only counted)");
+                }
             }
-            return Err(reason);
+            return Err(DropReason::QueueFull);
         }
-        inflight.add(cost as i64);
-        // Headers only once the record is admitted: an overloaded gateway does not build
-        // (and free) 12 librdkafka headers for every frame it drops.
-        let headers = audio_headers(r, &inner.gateway_id, inner.frames_per_record > 1);
-        let opaque = pack_opaque(false, r.chunks, r.received_mono_us, crate::mono_micros());
-        let record = BaseRecord::with_opaque_to(&inner.audio_topics[r.track.index()], opaque)
-            .key(r.ids.stream_sid.as_bytes())
-            .payload(r.payload)
-            .headers(headers);
-        match inner.producer.send(record) {
+        entry.outstanding.fetch_add(1, Ordering::Relaxed);
+        entry
+            .frames_accepted
+            .fetch_add(r.chunks as u64, Ordering::Relaxed);
+        let record = SpoolRecord {
+            stream: Some(entry.clone()),
+            payload: r.payload.into(),
+            seq: r.seq,
+            timestamp_ms: r.timestamp_ms,
+            received_at_us: r.received_at_us,
+            chunk: r.chunk.min(u32::MAX as u64) as u32,
+            chunks: r.chunks.min(u16::MAX as u32) as u16,
+            slot: Topics::audio_slot(r.track),
+            kind: Kind::Audio,
+            aux: r.track.index() as u8,
+            flags: r.flags,
+        };
+        match self.sink.send(record) {
             Ok(()) => {
-                let m = &inner.metrics;
-                m.frames.published.inc_by(r.chunks as u64);
-                m.frames.records.inc();
+                let m = &shared.metrics;
+                m.frames_published.inc_by(r.chunks as u64);
+                m.records_published.inc();
                 m.frames_by_track[r.track.index()].inc_by(r.chunks as u64);
                 Ok(())
             }
-            Err((err, _record)) => {
-                inflight.sub(cost as i64);
-                let reason = Self::classify(&err);
-                if !self.logged_drop {
-                    self.logged_drop = true;
-                    tracing::warn!(stream_sid = %r.ids.stream_sid, call_sid = %r.ids.call_sid, reason = reason.as_str(), error = %err,
-                        "audio frame dropped (further drops on this stream are only counted)");
-                }
-                Err(reason)
+            Err(_) => {
+                // The drain thread is gone (shutdown finished): undo and count.
+                shared.budget.credit(cost);
+                entry.outstanding.fetch_sub(1, Ordering::Relaxed);
+                entry
+                    .frames_accepted
+                    .fetch_sub(r.chunks as u64, Ordering::Relaxed);
+                Err(DropReason::ProduceError)
             }
         }
     }
 
     fn publish_event(&mut self, ev: &Event<'_>) {
-        let inner = &*self.sink.inner;
-        write_json(ev, &inner.gateway_id, &mut self.event_buf);
-        let opaque = pack_opaque(true, 0, 0, crate::mono_micros());
-        let mut record =
-            BaseRecord::with_opaque_to(&inner.events_topic, opaque).payload(&self.event_buf[..]);
-        if let Some(ids) = ev.ids {
-            record = record.key(ids.stream_sid.as_bytes());
+        let stream = ev.ids.map(|ids| self.entry(ids).clone());
+        let kind = ev.body.event_type();
+        if let EventBody::End {
+            kind: end,
+            reason,
+            error_kind,
+            close_code,
+            ..
+        } = &ev.body
+        {
+            // Rendered by the drain thread once the stream's audio is settled.
+            let playback = self.downlink.as_ref().and_then(|d| {
+                let mut summary = d.shared.counters.summary()?;
+                if let (Some(s), Some(map)) = (&stream, summary.as_object_mut()) {
+                    let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                    map.insert("frames_recorded".into(), r(&s.playback_recorded).into());
+                }
+                Some(summary)
+            });
+            let info = TerminalInfo {
+                kind: *end,
+                reason: (*reason).to_owned(),
+                error_kind: error_kind.map(|k| k.as_str().to_owned()),
+                close_code: *close_code,
+                at_us: ev.at_us,
+                playback,
+            };
+            let json = serde_json::to_vec(&info).unwrap_or_default();
+            let mut r = SpoolRecord::event(stream, kind, &json, ev.at_us);
+            r.kind = Kind::Terminal;
+            self.send_event(r);
+            return;
         }
-        let kind = ev.body.type_name();
-        // Events are charged to the budget but never refused for it: they are few and small,
-        // and losing a `stop` would hide a whole stream's accounting.
-        let cost = record_cost(
-            ev.ids.map_or(0, |i| i.stream_sid.len()),
-            self.event_buf.len(),
-        );
-        inner.metrics.inflight_bytes.add(cost as i64);
-        match inner.producer.send::<[u8], [u8]>(record) {
-            Ok(()) => inner.metrics.event_published(kind),
-            Err((err, _)) => {
-                inner.metrics.inflight_bytes.sub(cost as i64);
-                inner.metrics.events_dropped.inc();
-                tracing::warn!(stream_sid = ev.ids.map(|i| i.stream_sid.as_str()).unwrap_or(""), event = kind, error = %err, "event dropped");
-            }
-        }
+        write_json(ev, &self.sink.shared.gateway_id, &mut self.event_buf);
+        let r = SpoolRecord::event(stream, kind, &self.event_buf, ev.at_us);
+        self.sink.shared.metrics.events_published[kind].inc();
+        self.send_event(r);
     }
 
-    fn protocol_error(&mut self, kind: &'static str) {
-        self.sink.inner.metrics.protocol_error(kind);
+    fn mark_played(&mut self, name: &str) -> Option<bool> {
+        self.downlink.as_ref()?.mark_echoed(name)
     }
 
-    fn anomaly(&mut self, kind: &'static str) {
-        self.sink.inner.metrics.anomaly(kind);
+    fn attach(&mut self, ids: &StreamIds, tracks: &[Track]) -> Option<PlaybackRoute> {
+        let entry = self.entry(ids).clone();
+        let sink = self.sink.clone();
+        let twilio_sends_outbound = tracks.contains(&Track::Outbound);
+        self.downlink
+            .as_mut()?
+            .attach(ids, entry, sink, twilio_sends_outbound)
+    }
+
+    fn protocol_error(&mut self, kind: ProtocolErrorKind) {
+        self.sink.shared.metrics.protocol_errors[kind].inc();
+    }
+
+    fn anomaly(&mut self, kind: AnomalyKind) {
+        self.sink.shared.metrics.anomalies[kind].inc();
     }
 
     fn frames_dropped(&mut self, reason: DropReason, n: u64) {
-        self.sink.inner.metrics.frames_dropped(reason, n);
+        self.sink.shared.metrics.dropped[reason].inc_by(n);
+        if let Some(s) = &self.stream {
+            s.drop_frames(reason, n);
+        }
     }
 
     fn media_received(&mut self, bytes: usize) {
-        self.sink
-            .inner
-            .metrics
-            .frames
-            .media_bytes
-            .inc_by(bytes as u64);
+        let m = &self.sink.shared.metrics;
+        m.media_bytes.inc_by(bytes as u64);
+        m.frames_received.inc();
+        if let Some(s) = &self.stream {
+            s.frames_received.fetch_add(1, Ordering::Relaxed);
+        }
     }
-}
-
-/// Builds the headers of an audio record (the public contract, see README). `batching` adds
-/// the `chunks` header. Numbers are formatted on the stack; librdkafka copies every header.
-pub fn audio_headers(r: &AudioRecord<'_>, gateway_id: &str, batching: bool) -> OwnedHeaders {
-    let mut bufs = [
-        itoa::Buffer::new(),
-        itoa::Buffer::new(),
-        itoa::Buffer::new(),
-        itoa::Buffer::new(),
-        itoa::Buffer::new(),
-    ];
-    let [b_seq, b_chunk, b_ts, b_recv, b_n] = &mut bufs;
-    let fields: [(&str, &[u8]); 12] = [
-        ("stream_sid", r.ids.stream_sid.as_bytes()),
-        ("call_sid", r.ids.call_sid.as_bytes()),
-        ("account_sid", r.ids.account_sid.as_bytes()),
-        ("track", r.track.as_str().as_bytes()),
-        ("seq", b_seq.format(r.seq).as_bytes()),
-        ("chunk", b_chunk.format(r.chunk).as_bytes()),
-        ("timestamp_ms", b_ts.format(r.timestamp_ms).as_bytes()),
-        ("encoding", r.encoding.header_value().as_bytes()),
-        ("sample_rate", b"8000"),
-        ("channels", b"1"),
-        ("gateway", gateway_id.as_bytes()),
-        ("received_at_us", b_recv.format(r.received_at_us).as_bytes()),
-    ];
-    let mut headers = OwnedHeaders::new_with_capacity(13);
-    for (k, v) in fields {
-        headers = headers.insert(header(k, v));
-    }
-    if batching || r.chunks != 1 {
-        headers = headers.insert(header("chunks", b_n.format(r.chunks).as_bytes()));
-    }
-    headers
 }

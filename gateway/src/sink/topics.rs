@@ -1,37 +1,42 @@
-//! Start-up topic check: the three topics must exist, or be created when allowed.
+//! Start-up topic check: the gateway's topics must exist, or be created when allowed. Every
+//! client here is built from the same [`KafkaOptions`] as the producer (security included).
 
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::{SinkConfig, SinkError};
+use super::kafka_config::KafkaOptions;
+use super::SinkError;
+
+/// What to ensure.
+#[derive(Debug, Clone)]
+pub struct TopicPlan {
+    /// Connection and security settings.
+    pub kafka: KafkaOptions,
+    /// Topics the gateway needs.
+    pub topics: Vec<String>,
+    /// Create missing ones.
+    pub create: bool,
+    /// Partitions of created topics.
+    pub partitions: i32,
+    /// Replication factor of created topics.
+    pub replication: i32,
+}
 
 /// Names of topics that exist on the cluster (blocking metadata request).
-fn existing_topics(cfg: &SinkConfig, timeout: Duration) -> Result<Vec<String>, SinkError> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers);
-    for (k, v) in &cfg.kafka_options {
-        // Security and networking options apply to this probe too; producer-only ones would
-        // make a consumer config invalid, so pass only the common prefixes.
-        if k.starts_with("security.")
-            || k.starts_with("sasl.")
-            || k.starts_with("ssl.")
-            || k.starts_with("socket.")
-            || k.starts_with("broker.")
-        {
-            c.set(k, v);
-        }
-    }
-    let consumer: BaseConsumer = c.create()?;
+fn existing_topics(kafka: &KafkaOptions, timeout: Duration) -> Result<Vec<String>, SinkError> {
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .create()
+        .map_err(|e| SinkError::Client(kafka.describe_error(&e)))?;
     let md = consumer
         .fetch_metadata(None, timeout)
         .map_err(|e| SinkError::Unreachable {
-            brokers: cfg.brokers.clone(),
-            detail: e.to_string(),
+            brokers: kafka.brokers.clone(),
+            detail: kafka.redact(&e.to_string()),
         })?;
     Ok(md
         .topics()
@@ -41,47 +46,74 @@ fn existing_topics(cfg: &SinkConfig, timeout: Duration) -> Result<Vec<String>, S
         .collect())
 }
 
-/// Ensures the audio and events topics exist; creates missing ones when `create_topics`.
-pub async fn ensure_topics(cfg: &SinkConfig, timeout: Duration) -> Result<(), SinkError> {
-    let cfg2 = cfg.clone();
-    let existing = tokio::task::spawn_blocking(move || existing_topics(&cfg2, timeout))
-        .await
+/// Partitions of `topic` (blocking metadata request).
+pub fn partition_count(
+    kafka: &KafkaOptions,
+    topic: &str,
+    timeout: Duration,
+) -> Result<i32, SinkError> {
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .create()
+        .map_err(|e| SinkError::Client(kafka.describe_error(&e)))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
         .map_err(|e| SinkError::Unreachable {
-            brokers: cfg.brokers.clone(),
-            detail: e.to_string(),
-        })??;
-    let mut wanted: Vec<String> = cfg.audio_topics().to_vec();
-    wanted.push(cfg.events_topic());
-    let missing: Vec<String> = wanted
-        .into_iter()
+            brokers: kafka.brokers.clone(),
+            detail: kafka.redact(&e.to_string()),
+        })?;
+    md.topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len() as i32)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| SinkError::MissingTopics(vec![topic.to_owned()]))
+}
+
+/// Ensures the topics exist; creates missing ones when allowed. Blocking for up to about
+/// twice `timeout`: run it on a blocking thread.
+pub async fn ensure_topics(plan: &TopicPlan, timeout: Duration) -> Result<(), SinkError> {
+    let kafka = plan.kafka.clone();
+    let existing = tokio::task::spawn_blocking(move || existing_topics(&kafka, timeout))
+        .await
+        .map_err(|e| SinkError::Client(e.to_string()))??;
+    let missing: Vec<String> = plan
+        .topics
+        .iter()
         .filter(|t| !existing.contains(t))
+        .cloned()
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    if !cfg.create_topics {
+    if !plan.create {
         return Err(SinkError::MissingTopics(missing));
     }
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.brokers)
-        .create()?;
+    let admin: AdminClient<DefaultClientContext> = plan
+        .kafka
+        .client_config()
+        .create()
+        .map_err(|e| SinkError::Client(plan.kafka.describe_error(&e)))?;
     let new: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|t| {
             NewTopic::new(
                 t,
-                cfg.topic_partitions,
-                TopicReplication::Fixed(cfg.topic_replication),
+                plan.partitions,
+                TopicReplication::Fixed(plan.replication),
             )
         })
         .collect();
     let opts = AdminOptions::new()
         .operation_timeout(Some(timeout))
         .request_timeout(Some(timeout));
-    let results = admin.create_topics(new.iter(), &opts).await?;
+    let results = admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .map_err(|e| SinkError::Client(plan.kafka.redact(&e.to_string())))?;
     for r in results {
         match r {
-            Ok(topic) => tracing::info!(topic, partitions = cfg.topic_partitions, "created topic"),
+            Ok(topic) => tracing::info!(topic, partitions = plan.partitions, "created topic"),
             Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
                 tracing::debug!(topic, "topic already exists")
             }

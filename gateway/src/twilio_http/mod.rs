@@ -1,8 +1,9 @@
-//! Twilio-facing HTTP endpoints on the stream listener.
+//! Twilio's HTTP endpoints on the stream listener.
 //!
 //! - `/twilio/status`: the `<Stream statusCallback>` receiver. Publishes one `status` record
 //!   on `<prefix>.events` (key = `StreamSid`) and answers 204.
-//! - `/twilio/voice`: answers the TwiML that starts a stream to `--public-url`.
+//! - `/twilio/voice`: answers the TwiML that starts a stream to `--public-url`
+//!   ([`twiml`]).
 //!
 //! Both accept POST (`application/x-www-form-urlencoded`, Twilio's default) and GET (fields in
 //! the query). Both are signed like any Twilio webhook: HMAC-SHA1 over the public URL of the
@@ -10,19 +11,25 @@
 //! the POST fields sorted by name. Refusals: 403 bad or missing signature, 400 malformed form,
 //! 405 other methods, 413 body over 64 KiB, 415 other content types; each counted in
 //! `gateway_http_rejections_total{reason}` (signatures also in
-//! `gateway_signature_rejections_total{reason}`).
+//! `gateway_signature_rejections_total{reason}`, logged at most 10 times per 10 s).
+
+pub mod twiml;
 
 use std::net::SocketAddr;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::signature::webhook_suffix;
-use super::twiml;
+use crate::events::StatusFields;
+use crate::http_reply::{empty, reply, text, Body};
+use crate::log_limit::LogLimiter;
+use crate::metrics::{HttpRejection, LogSite, SignatureRejection};
+use crate::security::signature::webhook_suffix;
 use crate::server::ServerContext;
+
+static SIGNATURE_LOG: LogLimiter = LogLimiter::new(LogSite::Signature, 10, 10_000);
 
 /// statusCallback path.
 pub const STATUS_PATH: &str = "/twilio/status";
@@ -36,21 +43,23 @@ pub fn is_webhook_path(path: &str) -> bool {
     path == STATUS_PATH || path == VOICE_PATH
 }
 
-fn reply(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
+fn refuse(ctx: &ServerContext, status: StatusCode, reason: HttpRejection) -> Response<Body> {
+    ctx.metrics.http_rejections[reason].inc();
+    text(status, format!("{}\n", reason.as_str()))
 }
 
-fn refuse(ctx: &ServerContext, status: StatusCode, reason: &'static str) -> Response<Full<Bytes>> {
-    ctx.sink.metrics().http_rejected(reason);
-    reply(status, "text/plain", format!("{reason}\n"))
+/// Counts and logs (rate-limited) a refused signature on `path`.
+pub fn signature_refused(
+    ctx: &ServerContext,
+    why: SignatureRejection,
+    peer: SocketAddr,
+    path: &str,
+) {
+    ctx.metrics.signature_rejections[why].inc();
+    ctx.metrics.http_rejections[HttpRejection::Signature].inc();
+    if let Some(suppressed) = SIGNATURE_LOG.check(&ctx.metrics) {
+        tracing::warn!(%peer, path, reason = why.as_str(), suppressed, "request refused: bad Twilio signature");
+    }
 }
 
 /// Decodes `application/x-www-form-urlencoded` (also a query string). `None` when a
@@ -99,7 +108,7 @@ pub async fn handle(
     ctx: &ServerContext,
     req: Request<Incoming>,
     peer: SocketAddr,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let path = if req.uri().path() == STATUS_PATH {
         STATUS_PATH
     } else {
@@ -108,12 +117,18 @@ pub async fn handle(
     let sec = &ctx.security;
     if path == VOICE_PATH && sec.public_url.is_none() {
         tracing::debug!(%peer, "/twilio/voice needs --public-url");
-        return refuse(ctx, StatusCode::NOT_FOUND, "not_found");
+        return refuse(ctx, StatusCode::NOT_FOUND, HttpRejection::NotFound);
     }
     let is_post = match *req.method() {
         Method::POST => true,
         Method::GET => false,
-        _ => return refuse(ctx, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        _ => {
+            return refuse(
+                ctx,
+                StatusCode::METHOD_NOT_ALLOWED,
+                HttpRejection::MethodNotAllowed,
+            )
+        }
     };
     let query = req.uri().query().map(str::to_owned);
     let signature = req
@@ -138,21 +153,29 @@ pub async fn handle(
     {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return refuse(ctx, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
+            return refuse(
+                ctx,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                HttpRejection::BodyTooLarge,
+            )
         }
-        Err(_) => return refuse(ctx, StatusCode::BAD_REQUEST, "bad_request"),
+        Err(_) => return refuse(ctx, StatusCode::BAD_REQUEST, HttpRejection::BadRequest),
     };
     // Fields: the form body for POST, the query for GET.
     let fields = if is_post {
         if form_type == Some(false) || (form_type.is_none() && !body.is_empty()) {
-            return refuse(ctx, StatusCode::UNSUPPORTED_MEDIA_TYPE, "bad_request");
+            return refuse(
+                ctx,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                HttpRejection::UnsupportedMediaType,
+            );
         }
         parse_form(&body)
     } else {
         parse_form(query.as_deref().unwrap_or("").as_bytes())
     };
     let Some(fields) = fields else {
-        return refuse(ctx, StatusCode::BAD_REQUEST, "bad_request");
+        return refuse(ctx, StatusCode::BAD_REQUEST, HttpRejection::BadRequest);
     };
 
     if let (Some(validator), Some(url)) = (&sec.validator, &sec.public_url) {
@@ -161,9 +184,8 @@ pub async fn handle(
         if let Err(why) =
             validator.verify(signature.as_deref(), &url.webhook_candidates(path), &suffix)
         {
-            ctx.sink.metrics().signature_rejected(why.as_str());
-            tracing::warn!(%peer, path, reason = why.as_str(), "webhook refused: bad Twilio signature");
-            return refuse(ctx, StatusCode::FORBIDDEN, "signature");
+            signature_refused(ctx, why, peer, path);
+            return text(StatusCode::FORBIDDEN, "signature\n");
         }
     }
 
@@ -182,43 +204,27 @@ pub async fn handle(
 }
 
 /// Publishes the `status` record and answers 204.
-fn status(
-    ctx: &ServerContext,
-    fields: &[(String, String)],
-    peer: SocketAddr,
-) -> Response<Full<Bytes>> {
+fn status(ctx: &ServerContext, fields: &[(String, String)], peer: SocketAddr) -> Response<Body> {
     let Some(stream_sid) = field(fields, "StreamSid").filter(|s| !s.is_empty()) else {
-        return refuse(ctx, StatusCode::BAD_REQUEST, "bad_request");
+        return refuse(ctx, StatusCode::BAD_REQUEST, HttpRejection::BadRequest);
     };
-    let record = serde_json::json!({
-        "type": "status",
-        "stream_sid": stream_sid,
-        "call_sid": field(fields, "CallSid"),
-        "account_sid": field(fields, "AccountSid"),
-        "stream_event": field(fields, "StreamEvent"),
-        "stream_error": field(fields, "StreamError"),
-        "stream_name": field(fields, "StreamName"),
-        "timestamp": field(fields, "Timestamp"),
-        "gateway": ctx.sink.gateway_id(),
-        "at_us": crate::unix_micros(),
-    });
-    let json = record.to_string();
-    tracing::info!(%peer, stream_sid, call_sid = field(fields, "CallSid").unwrap_or(""),
-        stream_event = field(fields, "StreamEvent").unwrap_or(""),
-        stream_error = field(fields, "StreamError").unwrap_or(""), "stream status callback");
-    match ctx.sink.publish_status(stream_sid, json.as_bytes()) {
-        Ok(()) => {
-            let mut r = Response::new(Full::new(Bytes::new()));
-            *r.status_mut() = StatusCode::NO_CONTENT;
-            r
-        }
+    let f = StatusFields {
+        stream_sid,
+        call_sid: field(fields, "CallSid"),
+        account_sid: field(fields, "AccountSid"),
+        stream_event: field(fields, "StreamEvent"),
+        stream_error: field(fields, "StreamError"),
+        stream_name: field(fields, "StreamName"),
+        timestamp: field(fields, "Timestamp"),
+    };
+    tracing::info!(%peer, stream_sid, call_sid = f.call_sid.unwrap_or(""),
+        stream_event = f.stream_event.unwrap_or(""),
+        stream_error = f.stream_error.unwrap_or(""), "stream status callback");
+    match ctx.sink.publish_status(&f) {
+        Ok(()) => empty(StatusCode::NO_CONTENT),
         Err(e) => {
             tracing::warn!(stream_sid, error = %e, "status record not enqueued");
-            reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "kafka unavailable\n",
-            )
+            text(StatusCode::SERVICE_UNAVAILABLE, "kafka unavailable\n")
         }
     }
 }

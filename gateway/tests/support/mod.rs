@@ -169,8 +169,13 @@ pub fn unique_prefix(name: &str) -> String {
 
 impl Gateway {
     pub fn start(name: &str, extra: &[&str]) -> Gateway {
+        Gateway::start_with_prefix(&unique_prefix(name), extra)
+    }
+
+    /// A gateway on an existing topic prefix (several instances of one deployment).
+    pub fn start_with_prefix(prefix: &str, extra: &[&str]) -> Gateway {
         let brokers = brokers();
-        let prefix = unique_prefix(name);
+        let prefix = prefix.to_owned();
         let port = free_port();
         let admin_port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
@@ -180,25 +185,22 @@ impl Gateway {
             "--admin-listen",
             &format!("127.0.0.1:{admin_port}"),
         ])
-        .args([
-            "--brokers",
-            &brokers,
-            "--topic-prefix",
-            &prefix,
-            "--topic-partitions",
-            "3",
-            "--gateway-id",
-            "gw-test",
-            // Unsigned test clients; a token in `extra` turns validation on regardless.
-            "--insecure-skip-signature",
-        ])
-        .args(extra)
-        .env(
-            "GATEWAY_LOG_LEVEL",
-            std::env::var("GATEWAY_TEST_LOG").unwrap_or_else(|_| "error".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .args(["--brokers", &brokers, "--topic-prefix", &prefix])
+        // Unsigned test clients; a token in `extra` turns validation on regardless.
+        .arg("--insecure-skip-signature");
+        // Defaults the caller may override (clap refuses a flag given twice).
+        for (flag, value) in [("--topic-partitions", "3"), ("--gateway-id", "gw-test")] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        cmd.args(extra)
+            .env(
+                "GATEWAY_LOG_LEVEL",
+                std::env::var("GATEWAY_TEST_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
         die_with_parent(&mut cmd);
         let child = cmd.spawn().expect("start gateway");
         let gw = Gateway {
@@ -308,6 +310,25 @@ pub async fn connect_path(port: u16, path: &str) -> Result<Client, String> {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;
+    upgrade_client(tcp, port, path).await
+}
+
+/// Like [`connect_path`] with a tiny receive buffer, for a peer that stops reading.
+pub async fn connect_small_rcvbuf(port: u16, path: &str) -> Result<Client, String> {
+    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.set_recv_buffer_size(4096).map_err(|e| e.to_string())?;
+    let tcp = sock
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .map_err(|e| e.to_string())?;
+    upgrade_client(tcp, port, path).await
+}
+
+async fn upgrade_client(
+    tcp: tokio::net::TcpStream,
+    port: u16,
+    path: &str,
+) -> Result<Client, String> {
     let req = twilio_upgrade_request(
         &format!("http://127.0.0.1:{port}{path}"),
         &format!("127.0.0.1:{port}"),
@@ -526,6 +547,25 @@ pub fn count_events(recs: &[Record], kind: &str) -> usize {
     recs.iter()
         .filter(|r| r.topic.ends_with(".events") && r.json()["type"] == kind)
         .count()
+}
+
+/// G.711 μ-law encoder written independently of the gateway's (`dsp::g711`): a straight
+/// segment search, as in the standard's description.
+pub fn pcm_to_ulaw(pcm_le: &[u8]) -> Vec<u8> {
+    pcm_le
+        .chunks_exact(2)
+        .map(|b| {
+            let s = i16::from_le_bytes([b[0], b[1]]) as i32;
+            let sign = if s < 0 { 0x80 } else { 0 };
+            let mag = (s.abs().min(32635)) + 0x84;
+            let mut seg = 0;
+            while seg < 7 && mag > (0xFF << seg) {
+                seg += 1;
+            }
+            let mantissa = (mag >> (seg + 3)) & 0x0F;
+            !((sign | (seg << 4) | mantissa) as u8)
+        })
+        .collect()
 }
 
 pub fn topics(gw: &Gateway) -> [String; 3] {

@@ -1,23 +1,50 @@
-//! The `gateway` binary: parse and validate configuration, bind, serve, drain on SIGTERM.
+//! The `gateway` binary: arguments, signals, exit codes. Everything else is
+//! [`gateway::app::run`].
+//!
+//! Signals (installed before anything else, so none of them can kill the process by its
+//! default action while it starts):
+//! - SIGTERM / SIGINT: the first begins the drain (at any time, start-up included); the second
+//!   skips the rest of the drain timeout and goes straight to closing streams and the final
+//!   flush; later ones are logged and ignored.
+//! - SIGHUP: reloads the TLS certificate when `--tls-cert` is set; otherwise it is logged and
+//!   ignored. It never ends the process.
+//!
+//! Exit codes: 0 after a drain (or a shutdown requested during start-up), 64 for bad
+//! configuration, 1 for a start-up failure.
+
+mod tap;
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use clap::Parser;
-use gateway::config::{Cli, Command, Config, LogFormat, EXIT_CONFIG};
-use gateway::connection::ConnectionConfig;
-use gateway::metrics::Metrics;
-use gateway::security::Security;
-use gateway::server::ServerContext;
-use gateway::session::SessionConfig;
+use clap::{Parser, Subcommand};
+use gateway::app::{self, Listeners};
+use gateway::config::{Config, LogFormat, RunArgs, EXIT_CONFIG};
 use gateway::shutdown::Shutdown;
-use gateway::sink::{topics, Sink, SinkConfig};
-use gateway::watchdog::WatchdogConfig;
-use gateway::{admin, server};
-use tokio::net::TcpListener;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Twilio Media Streams → Kafka gateway.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about)]
+struct Cli {
+    /// What to run (default: the gateway).
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Gateway flags.
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Sub-commands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the effective configuration as TOML (secrets redacted) and exit.
+    PrintConfig,
+    /// Consume the gateway's topics and write one WAV per stream and track.
+    Tap(tap::TapArgs),
+}
 
 fn init_tracing(cfg: &Config) {
     let filter =
@@ -28,6 +55,48 @@ fn init_tracing(cfg: &Config) {
     match cfg.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+/// Turns signals into shutdown requests; see the module docs.
+async fn handle_signals(shutdown: Arc<Shutdown>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; SIGTERM will kill the process");
+        return;
+    };
+    let mut terms = 0u32;
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = hup.recv() => {
+                shutdown.request_reload();
+                continue;
+            }
+        };
+        terms += 1;
+        match terms {
+            1 => {
+                tracing::info!(
+                    signal = name,
+                    "draining (send it again to skip the drain timeout)"
+                );
+                shutdown.begin_drain();
+            }
+            2 => {
+                tracing::warn!(
+                    signal = name,
+                    "second signal: closing every stream now and flushing"
+                );
+                shutdown.hurry();
+            }
+            _ => tracing::warn!(signal = name, "already shutting down; signal ignored"),
+        }
     }
 }
 
@@ -42,7 +111,7 @@ fn main() -> ExitCode {
     };
     // The tap is a Kafka consumer: it needs none of the gateway's configuration.
     if let Some(Command::Tap(args)) = cli.command {
-        return match gateway::tap::run(args) {
+        return match tap::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("gateway tap: {e}");
@@ -65,6 +134,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(&cfg);
+    raise_nofile_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -75,137 +145,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = runtime.block_on(async move {
+        let shutdown = Shutdown::new();
+        tokio::spawn(handle_signals(shutdown.clone()));
+        let listeners = Listeners::bind(&cfg).await?;
+        app::run(cfg, listeners, shutdown).await
+    });
+    // Whatever blocking work is still running (a metadata probe) gets a moment, not forever.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(3));
+    match result {
+        Ok(report) => {
+            if !report.flush.complete && !report.stopped_during_startup {
+                tracing::error!(
+                    frames = report.flush.abandoned_frames,
+                    events = report.flush.abandoned_events,
+                    "exiting with records the final flush could not deliver (counted)"
+                );
+            }
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!(error = %e, "gateway failed");
             eprintln!("gateway: {e}");
             ExitCode::FAILURE
         }
     }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers we can only run until killed.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received: draining"),
-        _ = int.recv() => tracing::info!("SIGINT received: draining"),
-    }
-}
-
-async fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
-    // Raise the open-file limit to the hard limit: each stream is a socket.
-    raise_nofile_limit();
-    let metrics = Metrics::new(&cfg.gateway_id);
-    let sink_cfg = SinkConfig {
-        brokers: cfg.brokers.clone(),
-        topic_prefix: cfg.topic_prefix.clone(),
-        gateway_id: cfg.gateway_id.clone(),
-        max_inflight_bytes: cfg.max_inflight_bytes,
-        frames_per_record: cfg.frames_per_record,
-        overflow: cfg.overflow,
-        kafka_options: cfg.kafka_options.clone(),
-        create_topics: cfg.create_topics,
-        topic_partitions: cfg.topic_partitions,
-        topic_replication: cfg.topic_replication,
-    };
-    let sink = Sink::new(&sink_cfg, metrics.clone())?;
-    sink.set_readiness_watermark(cfg.readiness_watermark);
-    tokio::spawn(gateway::sink::drive(sink.clone(), Duration::from_millis(2)));
-    topics::ensure_topics(&sink_cfg, Duration::from_secs(15)).await?;
-    sink.probe_brokers(Duration::from_secs(5));
-
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| format!("binding --listen {}: {e}", cfg.listen))?;
-    let admin_listener = TcpListener::bind(cfg.admin_listen)
-        .await
-        .map_err(|e| format!("binding --admin-listen {}: {e}", cfg.admin_listen))?;
-    let shutdown = Shutdown::new();
-    let security = Security::from_config(&cfg.security)?;
-    security.log_startup(&cfg.security);
-    let tls_mode = security.mode();
-    if let Some(tls) = &security.tls {
-        tls.spawn_watcher(Duration::from_secs(2));
-    }
-    let ctx = ServerContext::new(
-        sink.clone(),
-        ConnectionConfig {
-            session: SessionConfig {
-                frames_per_record: cfg.frames_per_record,
-                encoding: cfg.audio_encoding,
-                max_payload_bytes: cfg.max_message_bytes,
-                max_anomaly_events: 100,
-            },
-            max_message_bytes: cfg.max_message_bytes,
-            stop_linger: Duration::from_secs(1),
-        },
-        WatchdogConfig {
-            idle_timeout: cfg.idle_timeout,
-            ping_after: cfg.ping_interval,
-        },
-        cfg.ws_path.clone(),
-        cfg.max_streams,
-        cfg.handshake_timeout,
-        cfg.max_header_bytes,
-        shutdown.clone(),
-        security,
-    );
-    tokio::spawn(admin::run(admin_listener, ctx.clone()));
-    tokio::spawn(admin::probe_brokers_forever(
-        ctx.clone(),
-        Duration::from_secs(2),
-    ));
-    tracing::info!(
-        listen = %listener.local_addr()?, admin = %cfg.admin_listen, ws_path = %cfg.ws_path, brokers = %cfg.brokers,
-        topic_prefix = %cfg.topic_prefix, gateway_id = %cfg.gateway_id, frames_per_record = cfg.frames_per_record,
-        tls = tls_mode, "gateway ready"
-    );
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            shutdown.begin_drain();
-        });
-    }
-    server::run(listener, ctx.clone()).await;
-
-    // Drain: readiness already fails (draining). Let live streams end on their own.
-    metrics.draining.set(1);
-    metrics.ready.set(0);
-    let start = Instant::now();
-    while ctx.open_streams() > 0 && start.elapsed() < cfg.drain_timeout {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if ctx.open_streams() > 0 {
-        tracing::warn!(
-            open = ctx.open_streams(),
-            "drain timeout: closing remaining streams with 1001"
-        );
-        shutdown.force_close();
-        let forced = Instant::now();
-        while ctx.open_streams() > 0 && forced.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let queued = sink.in_flight();
-    tracing::info!(queued, "flushing kafka producer");
-    let flush_sink = sink.clone();
-    let flushed =
-        tokio::task::spawn_blocking(move || flush_sink.flush(Duration::from_secs(30))).await?;
-    match flushed {
-        Ok(()) => tracing::info!("shutdown complete: every accepted frame acknowledged or counted"),
-        Err(e) => tracing::error!(error = %e, "shutdown: producer flush incomplete"),
-    }
-    Ok(())
 }
 
 fn raise_nofile_limit() {

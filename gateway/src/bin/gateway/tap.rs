@@ -29,9 +29,10 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
-use crate::protocol::audio::ulaw_to_pcm16le_into;
+use gateway::protocol::audio::ulaw_to_pcm16le_into;
+use gateway::sink::kafka_config::{parse_option, parse_properties, KafkaOptions};
 
 /// Sample rate of every WAV the tap writes (the gateway's contract: 8 kHz).
 const SAMPLE_RATE: u32 = 8_000;
@@ -65,6 +66,33 @@ pub struct TapArgs {
     /// Directory for `<stream_sid>.<track>.wav` files (created if missing).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// librdkafka setting `key=value` (security, networking), repeatable; the same settings
+    /// the gateway uses reach the tap's consumer. Values may contain `,` and `=`.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
+    pub kafka_option: Vec<String>,
+    /// File of librdkafka settings, one `key=value` per line.
+    #[arg(long, value_name = "FILE")]
+    pub kafka_options_file: Option<PathBuf>,
+}
+
+impl TapArgs {
+    /// The shared Kafka client settings for these flags.
+    pub fn kafka_options(&self) -> Result<KafkaOptions, TapError> {
+        let mut k = KafkaOptions::new(self.brokers.clone());
+        if let Some(path) = &self.kafka_options_file {
+            let text = std::fs::read_to_string(path).map_err(io(path))?;
+            k.options.extend(
+                parse_properties(&text)
+                    .map_err(|e| TapError::Config(format!("{}: {e}", path.display())))?,
+            );
+        }
+        for kv in &self.kafka_option {
+            k.options.push(
+                parse_option(kv).map_err(|e| TapError::Config(format!("--kafka-option: {e}")))?,
+            );
+        }
+        Ok(k)
+    }
 }
 
 /// Why the tap stopped early.
@@ -78,6 +106,9 @@ pub enum TapError {
         /// The client's error.
         source: KafkaError,
     },
+    /// A bad flag value.
+    #[error("{0}")]
+    Config(String),
     /// None of the three topics exists on the brokers.
     #[error("none of the topics {0:?} exists")]
     NoTopics(Vec<String>),
@@ -364,6 +395,30 @@ fn print_event(value: &[u8], key: Option<&str>, out: &mut impl Write) -> Option<
     matches!(kind, "stop" | "disconnect" | "error").then_some(stream)
 }
 
+/// The high watermark of the last fetch response for a partition (librdkafka's cached value,
+/// no request), or -1 when none arrived yet. rust-rdkafka does not wrap this call.
+fn fetched_high_watermark(consumer: &BaseConsumer, topic: &str, partition: i32) -> i64 {
+    let Ok(topic) = std::ffi::CString::new(topic) else {
+        return -1;
+    };
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is live for the call; the out-pointers are local.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    if err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        high
+    } else {
+        -1
+    }
+}
+
 /// Where consuming must reach before the tap (without `--follow`) is done.
 struct Progress {
     /// (topic, partition) → end offset captured at start, for partitions not yet caught up.
@@ -371,11 +426,20 @@ struct Progress {
 }
 
 impl Progress {
-    fn seen(&mut self, topic: &str, partition: i32, offset: i64) {
+    /// Some brokers (the local Tansu) answer a "latest offset" request with the first offset
+    /// of the last batch + 1, short of the real end when batches hold several records. The
+    /// high watermark of fetch responses is right: when the captured end is reached, it is
+    /// consulted and the target moves to it if it is further.
+    fn seen(&mut self, consumer: &BaseConsumer, topic: &str, partition: i32, offset: i64) {
         let k = (topic.to_owned(), partition);
         if let Some(&end) = self.remaining.get(&k) {
             if offset + 1 >= end {
-                self.remaining.remove(&k);
+                let fetched_high = fetched_high_watermark(consumer, topic, partition);
+                if fetched_high > offset + 1 {
+                    self.remaining.insert(k, fetched_high);
+                } else {
+                    self.remaining.remove(&k);
+                }
             }
         }
     }
@@ -391,7 +455,13 @@ impl Progress {
                 if let Offset::Offset(o) = e.offset() {
                     let k = (e.topic().to_owned(), e.partition());
                     if self.remaining.get(&k).is_some_and(|&end| o >= end) {
-                        self.remaining.remove(&k);
+                        let fetched_high =
+                            fetched_high_watermark(consumer, e.topic(), e.partition());
+                        if fetched_high > o {
+                            self.remaining.insert(k, fetched_high);
+                        } else {
+                            self.remaining.remove(&k);
+                        }
                     }
                 }
             }
@@ -406,8 +476,9 @@ impl Progress {
 /// Runs the tap until caught up (or, with `--follow`, until SIGINT/SIGTERM).
 pub fn run(args: TapArgs) -> Result<(), TapError> {
     std::fs::create_dir_all(&args.out).map_err(io(&args.out))?;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
+    let settings = args.kafka_options()?;
+    let consumer: BaseConsumer = settings
+        .client_config_with(&[])
         // Required by the client, never joined: partitions are assigned, nothing is committed.
         .set("group.id", "gateway-tap")
         .set("enable.auto.commit", "false")
@@ -472,7 +543,7 @@ pub fn run(args: TapArgs) -> Result<(), TapError> {
         }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                progress.seen(m.topic(), m.partition(), m.offset());
+                progress.seen(&consumer, m.topic(), m.partition(), m.offset());
                 let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
                 if m.topic() == topics[2] {
                     if let Some(want) = &args.stream {

@@ -1,0 +1,330 @@
+//! One stream's downlink: the bounded queue from the playback consumer to the connection, and
+//! the state both sides share (clear generation, waker, mark ledger, timeline, counters).
+//!
+//! The consumer thread pushes [`Queued`] commands through a lock-free channel and wakes the
+//! connection task; the connection's [`super::writer::PlaybackIo`] pops them when it polls the
+//! socket. The queue is bounded in bytes of audio, per stream (`--playback-buffer`) and for
+//! the whole process (`--playback-max-bytes`): beyond either, media records are dropped and
+//! counted (`buffer_full`) while the stream carries on.
+//!
+//! A `clear` must act before the media queued ahead of it: the consumer bumps the stream's
+//! *clear generation* before queueing it, so the writer learns of the clear at its next poll,
+//! sends it at once, and discards every queued item stamped with an older generation.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use atomic_waker::AtomicWaker;
+
+use super::command::Command;
+use crate::metrics::PlaybackDrop;
+
+/// A command with what the writer needs to order and time it.
+#[derive(Debug)]
+pub struct Queued {
+    /// What to do.
+    pub command: Command,
+    /// Clear generation when it was queued (older than the current one = discarded).
+    pub generation: u64,
+    /// When the playback record was produced (its Kafka timestamp), unix ms.
+    pub produced_ms: i64,
+}
+
+/// A sent mark waiting for Twilio's echo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentMark {
+    /// The name.
+    pub name: String,
+    /// Where on the stream's timeline (µs) its audio ends, i.e. when Twilio should echo it.
+    pub due_us: i64,
+}
+
+/// Marks sent and not yet echoed; how many of them a clear returned.
+#[derive(Debug, Default)]
+pub struct MarkLedger {
+    sent: VecDeque<SentMark>,
+    /// The oldest `cleared` entries of `sent` come back because of a clear (`played: false`).
+    cleared: usize,
+}
+
+/// How Twilio's echo of a mark is classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Echo {
+    /// The audio before it played (`false`: returned by a clear).
+    pub played: bool,
+    /// When it was due on the stream's timeline, µs.
+    pub due_us: i64,
+}
+
+impl MarkLedger {
+    /// Remembers a mark written to the socket.
+    pub fn sent(&mut self, mark: SentMark) {
+        // Bounded by what a stream can send: the queue bound keeps marks few; cap anyway.
+        if self.sent.len() >= 4096 {
+            self.sent.pop_front();
+            self.cleared = self.cleared.saturating_sub(1);
+        }
+        self.sent.push_back(mark);
+    }
+
+    /// A clear was written: every mark still pending comes back unplayed.
+    pub fn cleared(&mut self) {
+        self.cleared = self.sent.len();
+    }
+
+    /// Twilio echoed `name`: classifies it and forgets it (and anything older, which Twilio
+    /// echoes in order). `None` when the gateway did not send it.
+    pub fn echoed(&mut self, name: &str) -> Option<Echo> {
+        let pos = self.sent.iter().position(|m| m.name == name)?;
+        let mut echo = None;
+        for _ in 0..=pos {
+            let m = self.sent.pop_front()?;
+            let played = if self.cleared > 0 {
+                self.cleared -= 1;
+                false
+            } else {
+                true
+            };
+            echo = Some(Echo {
+                played,
+                due_us: m.due_us,
+            });
+        }
+        echo
+    }
+}
+
+/// What the stream's downlink did, for its terminal event.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Playback records accepted for the stream.
+    pub records: AtomicU64,
+    /// μ-law bytes written to the socket.
+    pub media_bytes_sent: AtomicU64,
+    /// Media frames written.
+    pub frames_sent: AtomicU64,
+    /// Marks written.
+    pub marks_sent: AtomicU64,
+    /// Clears written.
+    pub clears_sent: AtomicU64,
+    /// Queued μ-law bytes a clear discarded before they were written.
+    pub bytes_cleared: AtomicU64,
+    /// Records refused or discarded, by reason.
+    dropped: [AtomicU64; PlaybackDrop::ALL.len()],
+}
+
+impl Counters {
+    /// Counts one dropped record.
+    pub fn drop_one(&self, reason: PlaybackDrop) {
+        self.dropped[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The summary object of the terminal event, `None` when the stream had no playback.
+    pub fn summary(&self) -> Option<serde_json::Value> {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let drops: serde_json::Map<String, serde_json::Value> = PlaybackDrop::ALL
+            .iter()
+            .filter(|d| r(&self.dropped[d.index()]) > 0)
+            .map(|d| (d.as_str().to_owned(), r(&self.dropped[d.index()]).into()))
+            .collect();
+        if r(&self.records) == 0 && drops.is_empty() {
+            return None;
+        }
+        Some(serde_json::json!({
+            "records": r(&self.records),
+            "media_bytes_sent": r(&self.media_bytes_sent),
+            "frames_sent": r(&self.frames_sent),
+            "marks_sent": r(&self.marks_sent),
+            "clears": r(&self.clears_sent),
+            "bytes_cleared": r(&self.bytes_cleared),
+            "dropped": drops.values().map(|v| v.as_u64().unwrap_or(0)).sum::<u64>(),
+            "drops": drops,
+        }))
+    }
+}
+
+/// State shared by the consumer thread and the connection.
+#[derive(Debug)]
+pub struct Shared {
+    /// μ-law bytes queued and not yet written (or discarded).
+    pub queued_bytes: AtomicU64,
+    /// Bumped by every `clear` before it is queued.
+    pub clear_generation: AtomicU64,
+    /// Wakes the connection task when something is queued.
+    pub waker: AtomicWaker,
+    /// Offset of the stream's timeline on the process's monotonic clock, µs: the smallest
+    /// (receive time − `media.timestamp`) seen so far, i.e. receive time of timeline zero with
+    /// the least network delay. `i64::MAX` until the first inbound chunk.
+    pub timeline_offset_us: AtomicI64,
+    /// Marks written and not yet echoed.
+    pub marks: Mutex<MarkLedger>,
+    /// For the terminal event.
+    pub counters: Counters,
+    /// The stream ended: nothing more is written.
+    pub closed: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            queued_bytes: AtomicU64::new(0),
+            clear_generation: AtomicU64::new(0),
+            waker: AtomicWaker::new(),
+            timeline_offset_us: AtomicI64::new(i64::MAX),
+            marks: Mutex::new(MarkLedger::default()),
+            counters: Counters::default(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl Shared {
+    /// An inbound chunk stamped `timestamp_ms` arrived at `received_mono_us`.
+    pub fn observe_media(&self, timestamp_ms: u64, received_mono_us: u64) {
+        let offset = received_mono_us as i64 - (timestamp_ms as i64).saturating_mul(1000);
+        self.timeline_offset_us.fetch_min(offset, Ordering::Relaxed);
+    }
+
+    /// The stream's timeline now, µs (the start message's arrival stands in for timeline zero
+    /// until inbound audio arrives).
+    pub fn timeline_now_us(&self, now_mono_us: u64) -> i64 {
+        let off = self.timeline_offset_us.load(Ordering::Relaxed);
+        if off == i64::MAX {
+            0
+        } else {
+            now_mono_us as i64 - off
+        }
+    }
+}
+
+/// The consumer's end of one stream's downlink.
+#[derive(Debug)]
+pub struct Route {
+    /// Where commands go.
+    pub tx: Sender<Queued>,
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    /// The partition advertised in the stream's `start` event.
+    pub partition: i32,
+}
+
+/// Process-wide bound on queued playback audio.
+#[derive(Debug)]
+pub struct Bounds {
+    /// Per stream, bytes of μ-law.
+    pub per_stream: u64,
+    /// All streams, bytes of μ-law.
+    pub total: u64,
+    /// Queued now, all streams.
+    pub queued: AtomicU64,
+}
+
+impl Route {
+    /// Queues a command for the stream; `Err` with the reason when it must be dropped.
+    pub fn push(
+        &self,
+        command: Command,
+        produced_ms: i64,
+        bounds: &Bounds,
+    ) -> Result<(), PlaybackDrop> {
+        let s = &self.shared;
+        let len = match &command {
+            Command::Media(b) => b.len() as u64,
+            _ => 0,
+        };
+        if len > 0 {
+            if s.queued_bytes.load(Ordering::Relaxed) + len > bounds.per_stream
+                || bounds.queued.load(Ordering::Relaxed) + len > bounds.total
+            {
+                return Err(PlaybackDrop::BufferFull);
+            }
+            s.queued_bytes.fetch_add(len, Ordering::Relaxed);
+            bounds.queued.fetch_add(len, Ordering::Relaxed);
+        }
+        let generation = if command == Command::Clear {
+            s.clear_generation.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            s.clear_generation.load(Ordering::SeqCst)
+        };
+        let sent = self.tx.send(Queued {
+            command,
+            generation,
+            produced_ms,
+        });
+        if sent.is_err() {
+            // The connection is gone (its end is being processed): give the bytes back.
+            s.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            bounds.queued.fetch_sub(len, Ordering::Relaxed);
+            return Err(PlaybackDrop::Ended);
+        }
+        s.counters.records.fetch_add(1, Ordering::Relaxed);
+        s.waker.wake();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_pending_at_a_clear_come_back_unplayed() {
+        let mut l = MarkLedger::default();
+        let m = |n: &str, d| SentMark {
+            name: n.into(),
+            due_us: d,
+        };
+        l.sent(m("a", 1));
+        l.sent(m("b", 2));
+        assert_eq!(
+            l.echoed("a"),
+            Some(Echo {
+                played: true,
+                due_us: 1
+            })
+        );
+        l.sent(m("c", 3));
+        l.cleared(); // b and c pending
+        l.sent(m("d", 4));
+        assert_eq!(l.echoed("b").map(|e| e.played), Some(false));
+        assert_eq!(l.echoed("c").map(|e| e.played), Some(false));
+        assert_eq!(l.echoed("d").map(|e| e.played), Some(true));
+        assert_eq!(l.echoed("zzz"), None, "not ours");
+    }
+
+    #[test]
+    fn bounds_hold_per_stream_and_in_total() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let route = Route {
+            tx,
+            shared: Arc::new(Shared::default()),
+            partition: 0,
+        };
+        let bounds = Bounds {
+            per_stream: 300,
+            total: 250,
+            queued: AtomicU64::new(0),
+        };
+        assert!(route.push(Command::Media(vec![0; 200]), 1, &bounds).is_ok());
+        assert_eq!(
+            route.push(Command::Media(vec![0; 100]), 2, &bounds),
+            Err(PlaybackDrop::BufferFull),
+            "total bound"
+        );
+        assert!(route.push(Command::Mark("m".into()), 3, &bounds).is_ok());
+        assert!(route.push(Command::Clear, 4, &bounds).is_ok());
+        let got: Vec<u64> = rx.try_iter().map(|q| q.generation).collect();
+        assert_eq!(
+            got,
+            [0, 0, 1],
+            "items before the clear carry the older generation"
+        );
+        drop(rx);
+        assert_eq!(
+            route.push(Command::Stop, 5, &bounds),
+            Err(PlaybackDrop::Ended)
+        );
+    }
+}

@@ -1,0 +1,127 @@
+//! The request handler of the stream listener.
+//!
+//! Checks happen **before** `fastwebsockets::upgrade` (which only validates the key and
+//! version): client address behind a proxy (`403`), path (`404`), method and upgrade headers
+//! (`426`/`400`), Twilio signature (`403`), draining and capacity (`503`, so Twilio fails over
+//! with 31920 instead of us accepting audio we cannot carry). A `Semaphore` permit moved into
+//! each connection task caps concurrent streams; the task is tracked so the drain can wait for
+//! it to publish its tail and terminal event.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use fastwebsockets::{Role, WebSocket};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+
+use super::{Client, ServerContext};
+use crate::connection;
+use crate::http_reply::{text, Body};
+use crate::metrics::HttpRejection;
+use crate::sink::ConnectionPublisher;
+use crate::twilio_http;
+use crate::watchdog::Watchdog;
+
+/// Answers one request on the stream listener.
+pub async fn handle(
+    ctx: Arc<ServerContext>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    client: Client,
+) -> Result<Response<Body>, Infallible> {
+    let metrics = &ctx.metrics;
+    // Behind a trusted HTTP proxy the allow-list applies to the forwarded client.
+    if client == Client::Forwarded && ctx.access.has_allow_list() {
+        let forwarded = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| ctx.access.forwarded_client(v));
+        if !forwarded.is_some_and(|ip| ctx.access.allowed(ip)) {
+            ctx.refuse(HttpRejection::NotAllowed, peer);
+            return Ok(text(StatusCode::FORBIDDEN, "client not allowed\n"));
+        }
+    }
+    if twilio_http::is_webhook_path(req.uri().path()) {
+        return Ok(twilio_http::handle(&ctx, req, peer).await);
+    }
+    if req.uri().path() != ctx.config.ws_path {
+        metrics.http_rejections[HttpRejection::NotFound].inc();
+        return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
+    }
+    if req.method() != Method::GET || !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        metrics.http_rejections[HttpRejection::NotWebsocket].inc();
+        let mut r = text(StatusCode::UPGRADE_REQUIRED, "websocket upgrade required\n");
+        r.headers_mut().insert(
+            hyper::header::UPGRADE,
+            hyper::header::HeaderValue::from_static("websocket"),
+        );
+        return Ok(r);
+    }
+    // Twilio signs the configured public wss:// URL; the request's own Host and path only
+    // had to match the listener (the path check above).
+    if let Some(validator) = &ctx.security.validator {
+        let sig = req
+            .headers()
+            .get("x-twilio-signature")
+            .map(|v| v.as_bytes());
+        if let Err(why) = validator.verify(sig, &ctx.security.stream_urls, b"") {
+            twilio_http::signature_refused(&ctx, why, peer, ctx.config.ws_path.as_str());
+            return Ok(text(StatusCode::FORBIDDEN, "invalid signature\n"));
+        }
+    }
+    if ctx.shutdown.is_draining() {
+        metrics.http_rejections[HttpRejection::Draining].inc();
+        return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"));
+    }
+    let Ok(permit) = ctx.permits.clone().try_acquire_owned() else {
+        metrics.http_rejections[HttpRejection::Capacity].inc();
+        tracing::warn!(%peer, max_streams = ctx.config.max_streams, "refused stream: at capacity");
+        return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "at capacity\n"));
+    };
+    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(x) => x,
+        Err(e) => {
+            metrics.http_rejections[HttpRejection::BadUpgrade].inc();
+            tracing::debug!(%peer, error = %e, "bad websocket upgrade");
+            return Ok(text(StatusCode::BAD_REQUEST, "bad websocket upgrade\n"));
+        }
+    };
+    let conn_id = ctx.next_conn_id();
+    let guard = ctx.tasks.track();
+    let ctx2 = ctx.clone();
+    tokio::spawn(async move {
+        let _guard = guard;
+        let _permit = permit; // released when the stream ends, on every path
+        let ws = match fut.await {
+            Ok(ws) => ws,
+            Err(e) => {
+                tracing::debug!(conn_id, %peer, error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        // Re-wrap the upgraded socket with the watchdog (and the playback writer); the read
+        // buffer is still empty here.
+        let io = Watchdog::new(
+            ws.into_inner(),
+            ctx2.config.watchdog,
+            ctx2.shutdown.force_close_flag(),
+        );
+        tracing::debug!(conn_id, %peer, "websocket open");
+        match &ctx2.playback {
+            Some(playback) => {
+                let (writer, downlink) = playback.downlink();
+                let ws = WebSocket::after_handshake(writer.wrap(io), Role::Server);
+                let publisher = ConnectionPublisher::with_downlink(ctx2.sink.clone(), downlink);
+                connection::serve(ws, publisher, ctx2.config.connection, conn_id).await;
+            }
+            None => {
+                let ws = WebSocket::after_handshake(io, Role::Server);
+                let publisher = ctx2.sink.publisher();
+                connection::serve(ws, publisher, ctx2.config.connection, conn_id).await;
+            }
+        }
+    });
+    Ok(response.map(|_| Body::default()))
+}

@@ -1,0 +1,919 @@
+//! The drain thread: the one place that talks to librdkafka.
+//!
+//! Connections hand compact records ([`SpoolRecord`]) to this thread through a lock-free
+//! channel and never touch the producer, so no connection task takes librdkafka's locks or
+//! wakes its broker thread. Each loop iteration, at most every `--kafka-drain-interval`:
+//!
+//! 1. **Route** newly arrived records. A record whose stream has nothing waiting in the spool
+//!    goes straight to librdkafka if the window (`--kafka-window-bytes`) has room; otherwise it
+//!    joins the spool's tail and its stream's *backlog* grows, so every later record of that
+//!    stream queues behind it (per-stream order, end to end).
+//! 2. **Replay** the spool head into the window while it has room: records rescued by an
+//!    eviction or a producer rebuild first, then the memory tier in arrival order.
+//! 3. **Evict** (`--overflow drop-oldest` only): when connections had to borrow the overdraft,
+//!    the oldest spooled audio is dropped (counted `evicted`); events are kept.
+//! 4. **Poll** librdkafka for delivery reports and settle them: budget credit, per-stream
+//!    accounting and replay index, latency histograms. A stream's terminal event waits
+//!    (parked) until all of its audio is settled, then is rendered with the final counts.
+//! 5. On a **fatal producer error**, build a new producer, take every record the old one still
+//!    held back (in produce order) and send them again: live streams never notice beyond a
+//!    delay; delivery is at-least-once around the rebuild.
+//!
+//! The thread sleeps in librdkafka's queue poll between iterations, so it wakes early for
+//! delivery reports and otherwise once per interval: connections never wake it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::delivery::{take_notes, DeliveryContext, DeliveryNote};
+use super::producer::{Headers, ProduceError, Producer};
+use super::record::{window_cost, Kind, SpoolRecord, FLAG_PLAYBACK};
+use super::stream::StreamEntry;
+use super::{OverflowPolicy, Shared, TopicKind, Topics};
+use crate::events::{render_terminal, ReplayEntry, TerminalCounts, TerminalInfo};
+use crate::log_limit::LogLimiter;
+use crate::metrics::{DeliveryError, DropReason, LogSite};
+use crate::protocol::audio::ulaw_to_pcm16le_into;
+
+/// Requests from the rest of the process.
+pub enum Control {
+    /// Produce everything queued and wait for acknowledgements until `deadline`, then stop the
+    /// thread and answer on `reply`.
+    Finish {
+        /// When to give up on what is still unacknowledged.
+        deadline: Instant,
+        /// Where the report goes.
+        reply: Sender<FinishReport>,
+    },
+    /// Test hook: raise a fatal producer error (`rd_kafka_test_fatal_error`).
+    InjectFatal(String),
+}
+
+/// How the final flush went.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FinishReport {
+    /// Everything accepted was acknowledged (or failed and was counted) before the deadline.
+    pub complete: bool,
+    /// Audio chunks still unacknowledged at the deadline (counted `shutdown_timeout`).
+    pub abandoned_frames: u64,
+    /// Events still unacknowledged at the deadline.
+    pub abandoned_events: u64,
+}
+
+/// Settings of the drain thread.
+pub struct DrainParams {
+    /// Longest sleep between iterations.
+    pub tick: Duration,
+    /// Full-budget policy (eviction for `drop-oldest`).
+    pub overflow: OverflowPolicy,
+    /// `gateway` header and field.
+    pub gateway_id: String,
+    /// `--frames-per-record` (> 1 adds the `chunks` header to every audio record).
+    pub frames_per_record: u32,
+    /// Topics by slot.
+    pub topics: Topics,
+    /// Producer configuration (for rebuilds).
+    pub producer_config: ClientConfig,
+}
+
+/// A record inside librdkafka.
+struct InFlight {
+    record: SpoolRecord,
+    window_cost: u64,
+    produced_us: u64,
+    seq: u64,
+}
+
+/// Most records taken from the channel in one iteration.
+const ROUTE_BATCH: usize = 65_536;
+
+static DELIVERY_FAILED_LOG: LogLimiter = LogLimiter::new(LogSite::DeliveryFailed, 10, 10_000);
+
+/// The drain thread's state; see the module docs.
+pub struct Drain {
+    params: DrainParams,
+    shared: Arc<Shared>,
+    rx: Receiver<SpoolRecord>,
+    ctrl: Receiver<Control>,
+    producer: Producer,
+    /// Records rescued by an eviction (events) or a producer rebuild; produced first.
+    rescued: VecDeque<SpoolRecord>,
+    /// The spool's memory tier, in arrival order.
+    memory: VecDeque<SpoolRecord>,
+    inflight: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    window_records: u64,
+    /// Terminal records waiting for their stream's audio to settle, by stream number.
+    parked: HashMap<u64, SpoolRecord>,
+    notes: Vec<DeliveryNote>,
+    value_buf: Vec<u8>,
+    json_buf: Vec<u8>,
+    produce_seq: u64,
+    /// Settling the reports of a producer being replaced: failures are re-sent, not counted.
+    rebuilding: Vec<InFlight>,
+    in_rebuild: bool,
+    finish: Option<(Instant, Sender<FinishReport>)>,
+    /// Every sender is gone (the sink handle was dropped).
+    disconnected: bool,
+    /// A rebuilt producer has not yet delivered anything (readiness stays failed).
+    recovering: bool,
+}
+
+impl Drain {
+    /// A drain around an already created `producer`.
+    pub fn new(
+        params: DrainParams,
+        shared: Arc<Shared>,
+        rx: Receiver<SpoolRecord>,
+        ctrl: Receiver<Control>,
+        producer: Producer,
+    ) -> Drain {
+        Drain {
+            params,
+            shared,
+            rx,
+            ctrl,
+            producer,
+            rescued: VecDeque::new(),
+            memory: VecDeque::new(),
+            inflight: Vec::new(),
+            free: Vec::new(),
+            window_records: 0,
+            parked: HashMap::new(),
+            notes: Vec::with_capacity(4096),
+            value_buf: Vec::with_capacity(4096),
+            json_buf: Vec::with_capacity(1024),
+            produce_seq: 0,
+            rebuilding: Vec::new(),
+            in_rebuild: false,
+            finish: None,
+            disconnected: false,
+            recovering: false,
+        }
+    }
+
+    /// Runs until a `Finish` request completes.
+    ///
+    /// One iteration per `tick` at most: it takes everything connections sent since the last
+    /// one, so records are produced in batches and the thread sleeps for the rest of the tick,
+    /// however busy the connections are. Only a full batch (65,536 records) skips the sleep.
+    pub fn run(mut self) {
+        loop {
+            let started = Instant::now();
+            self.control();
+            // The error callback raises the flag; librdkafka's own fatal state (an atomic read
+            // when clear) is checked too, in case the error event is not delivered.
+            if self
+                .producer
+                .context()
+                .fatal
+                .load(std::sync::atomic::Ordering::SeqCst)
+                || self.producer.fatal_error().is_some()
+            {
+                self.rebuild();
+            }
+            let routed = self.route();
+            self.replay();
+            self.evict();
+            self.producer.poll();
+            self.settle();
+            self.check_recovered();
+            self.publish_gauges();
+            if let Some((deadline, _)) = &self.finish {
+                if routed == 0 && self.idle() {
+                    // One last look: a record sent after `route` emptied the channel.
+                    match self.rx.try_recv() {
+                        Ok(r) => self.memory.push_back(r),
+                        Err(_) => {
+                            self.complete(true);
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                if Instant::now() >= *deadline {
+                    self.complete(false);
+                    return;
+                }
+            }
+            if routed < ROUTE_BATCH {
+                let elapsed = started.elapsed();
+                if elapsed < self.params.tick {
+                    // A plain sleep: librdkafka's queue poll has millisecond resolution and
+                    // rust-rdkafka's `poll` loops until its deadline, so a sub-millisecond
+                    // wait there would spin. Reports are served at the top of the next tick.
+                    std::thread::sleep(self.params.tick - elapsed);
+                }
+            }
+        }
+    }
+
+    fn control(&mut self) {
+        loop {
+            match self.ctrl.try_recv() {
+                Ok(Control::Finish { deadline, reply }) => self.finish = Some((deadline, reply)),
+                Ok(Control::InjectFatal(reason)) => self.producer.inject_fatal_error(&reason),
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Takes what connections sent since the last iteration. Returns how many records came.
+    fn route(&mut self) -> usize {
+        let mut n = 0;
+        // Bounded per iteration so settling and replay keep their turn under any load.
+        for _ in 0..ROUTE_BATCH {
+            let r = match self.rx.try_recv() {
+                Ok(r) => r,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    if !self.disconnected && self.finish.is_none() {
+                        // Every sink handle is gone: flush for a few seconds, then stop.
+                        let (reply, _) = std::sync::mpsc::channel();
+                        self.finish = Some((Instant::now() + Duration::from_secs(5), reply));
+                    }
+                    self.disconnected = true;
+                    break;
+                }
+            };
+            n += 1;
+            let backlog = r
+                .stream
+                .as_ref()
+                .is_some_and(|s| s.backlog.load(std::sync::atomic::Ordering::Relaxed) > 0);
+            if backlog {
+                self.enqueue(r);
+                continue;
+            }
+            match r.kind {
+                Kind::Terminal => self.terminal(r),
+                // Events never wait for the window: they are small, few, and must not be lost.
+                Kind::Event => {
+                    if let Err(r) = self.produce(r) {
+                        self.enqueue(r);
+                    }
+                }
+                Kind::Audio => {
+                    if self.window_fits(&r) {
+                        if let Err(r) = self.produce(r) {
+                            self.enqueue(r);
+                        }
+                    } else {
+                        self.enqueue(r);
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    /// Appends a record to the spool tail; its stream's later records queue behind it.
+    fn enqueue(&mut self, r: SpoolRecord) {
+        if let Some(s) = &r.stream {
+            s.backlog.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.memory.push_back(r);
+    }
+
+    fn window_fits(&self, r: &SpoolRecord) -> bool {
+        let value = self.value_len(r);
+        let key = r.stream.as_ref().map_or(0, |s| s.key().len());
+        self.shared
+            .budget
+            .window_has_room(window_cost(key, value, r.compact_cost()))
+    }
+
+    fn value_len(&self, r: &SpoolRecord) -> usize {
+        match self.params.topics.kind(r.slot) {
+            Some(TopicKind::Audio {
+                expand_mulaw: true, ..
+            }) if r.kind == Kind::Audio => r.payload.len() * 2,
+            _ => r.payload.len(),
+        }
+    }
+
+    /// Produces spooled records while the window has room.
+    fn replay(&mut self) {
+        loop {
+            let from_rescued = !self.rescued.is_empty();
+            let next = if from_rescued {
+                self.rescued.front()
+            } else {
+                self.memory.front()
+            };
+            let Some(r) = next else { return };
+            if r.kind == Kind::Audio && !self.window_fits(r) {
+                return;
+            }
+            let r = if from_rescued {
+                self.rescued.pop_front()
+            } else {
+                self.memory.pop_front()
+            };
+            let Some(r) = r else { return };
+            if let Some(s) = &r.stream {
+                s.backlog.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let result = match r.kind {
+                Kind::Terminal => {
+                    self.terminal(r);
+                    Ok(())
+                }
+                _ => self.produce(r),
+            };
+            if let Err(r) = result {
+                // librdkafka refused for now (queue full, producer failing): put it back.
+                if let Some(s) = &r.stream {
+                    s.backlog.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                if from_rescued {
+                    self.rescued.push_front(r);
+                } else {
+                    self.memory.push_front(r);
+                }
+                return;
+            }
+        }
+    }
+
+    /// `--overflow drop-oldest`: drops the oldest spooled audio until the queued account is
+    /// back under its limit (less 5 %, so eviction is not re-triggered by the next record).
+    fn evict(&mut self) {
+        if self.params.overflow != OverflowPolicy::DropOldest {
+            return;
+        }
+        let shared = self.shared.clone();
+        let budget = &shared.budget;
+        if budget.queued() <= budget.queued_limit() {
+            return;
+        }
+        let target = budget.queued_limit() / 20 * 19;
+        while budget.queued() > target {
+            let Some(r) = self.memory.pop_front() else {
+                break;
+            };
+            if r.kind != Kind::Audio {
+                // Events are never dropped for budget reasons; they keep their place ahead of
+                // everything younger.
+                self.rescued.push_back(r);
+                continue;
+            }
+            if let Some(s) = &r.stream {
+                s.backlog.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            budget.credit(r.compact_cost());
+            self.drop_audio(&r, DropReason::Evicted);
+        }
+    }
+
+    /// Counts a record's chunks as dropped and settles it for its stream.
+    fn drop_audio(&mut self, r: &SpoolRecord, reason: DropReason) {
+        if r.flags & FLAG_PLAYBACK != 0 {
+            if let Some(s) = &r.stream {
+                s.playback_dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            self.audio_settled(r.stream.as_ref());
+            return;
+        }
+        let chunks = r.chunks as u64;
+        self.shared.metrics.dropped[reason].inc_by(chunks);
+        if let Some(s) = &r.stream {
+            s.drop_frames(reason, chunks);
+        }
+        self.audio_settled(r.stream.as_ref());
+    }
+
+    /// One audio record of `stream` is resolved; renders its parked terminal event if it was
+    /// the last.
+    fn audio_settled(&mut self, stream: Option<&Arc<StreamEntry>>) {
+        let Some(s) = stream else { return };
+        let left = s
+            .outstanding
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(1);
+        if left == 0 {
+            if let Some(t) = self.parked.remove(&s.number) {
+                self.render_and_produce(t);
+            }
+        }
+    }
+
+    /// A stream's terminal record reached the head of its stream's queue.
+    fn terminal(&mut self, r: SpoolRecord) {
+        let pending = r.stream.as_ref().map_or(0, |s| {
+            s.outstanding.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        if pending == 0 {
+            self.render_and_produce(r);
+        } else if let Some(s) = &r.stream {
+            self.parked.insert(s.number, r);
+        }
+    }
+
+    fn render_and_produce(&mut self, t: SpoolRecord) {
+        let Ok(info) = serde_json::from_slice::<TerminalInfo>(&t.payload) else {
+            tracing::error!("unreadable terminal record (bug): dropped");
+            return;
+        };
+        let stream = t.stream.clone();
+        let counts = stream.as_ref().map(|s| counts_of(s)).unwrap_or_default();
+        let replay = stream
+            .as_ref()
+            .map(|s| self.replay_index(s))
+            .unwrap_or_default();
+        render_terminal(
+            &info,
+            stream.as_ref().map(|s| &s.ids),
+            &self.params.gateway_id,
+            &counts,
+            &replay,
+            &mut self.json_buf,
+        );
+        let kind = info.kind.event_type();
+        let ev = SpoolRecord::event(stream, kind, &self.json_buf, info.at_us);
+        // The rendered event replaces the terminal record in the queued account.
+        self.shared.budget.credit(t.compact_cost());
+        self.shared.budget.charge(ev.compact_cost());
+        self.shared.metrics.events_published[kind].inc();
+        if let Err(ev) = self.produce(ev) {
+            // The producer refused it for now: it waits at the head, ahead of younger records.
+            self.rescued.push_front(ev);
+        }
+    }
+
+    fn replay_index(&self, s: &StreamEntry) -> Vec<ReplayEntry> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut out = Vec::new();
+        for (slot, idx) in s.index.iter().enumerate() {
+            let records = idx.records.load(Relaxed);
+            if records == 0 {
+                continue;
+            }
+            let Some(spec) = self.params.topics.get(slot as u8) else {
+                continue;
+            };
+            out.push(ReplayEntry {
+                topic: spec.name.clone(),
+                track: spec.track_label(),
+                partition: idx.partition.load(Relaxed) as i32,
+                first_offset: idx.first.load(Relaxed),
+                last_offset: idx.last.load(Relaxed),
+                records,
+            });
+        }
+        out
+    }
+
+    /// Hands one record to librdkafka. `Err` gives it back when librdkafka cannot take it now
+    /// (queue full, fatal state); records it can never take are dropped and counted here.
+    fn produce(&mut self, r: SpoolRecord) -> Result<(), SpoolRecord> {
+        let Some(spec) = self.params.topics.get(r.slot) else {
+            tracing::error!(
+                slot = r.slot,
+                "record for an unknown topic slot (bug): dropped"
+            );
+            return Ok(());
+        };
+        let compact = r.compact_cost();
+        let key: Option<&[u8]> = r.stream.as_ref().map(|s| s.key());
+        let mut headers = None;
+        let value: &[u8] = match (&spec.kind, r.kind) {
+            (TopicKind::Audio { expand_mulaw, .. }, Kind::Audio) => {
+                headers = Some(audio_headers(
+                    &r,
+                    spec,
+                    &self.params.gateway_id,
+                    self.params.frames_per_record > 1,
+                ));
+                if *expand_mulaw {
+                    self.value_buf.clear();
+                    ulaw_to_pcm16le_into(&r.payload, &mut self.value_buf);
+                    &self.value_buf
+                } else {
+                    &r.payload
+                }
+            }
+            _ => &r.payload,
+        };
+        let cost = window_cost(key.map_or(0, <[u8]>::len), value.len(), compact);
+        let slot_index = self.free.pop().unwrap_or_else(|| {
+            self.inflight.push(None);
+            self.inflight.len() - 1
+        });
+        match self
+            .producer
+            .produce(r.slot as usize, key, value, headers, slot_index + 1)
+        {
+            Ok(()) => {
+                self.produce_seq += 1;
+                self.shared.budget.to_window(compact, cost);
+                self.window_records += 1;
+                self.inflight[slot_index] = Some(InFlight {
+                    record: r,
+                    window_cost: cost,
+                    produced_us: crate::mono_micros(),
+                    seq: self.produce_seq,
+                });
+                Ok(())
+            }
+            Err(ProduceError(code)) => {
+                self.free.push(slot_index);
+                match code {
+                    RDKafkaErrorCode::QueueFull | RDKafkaErrorCode::Fatal => Err(r),
+                    other => {
+                        self.refused(r, other);
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    /// librdkafka can never take `r` (too large, unknown topic, ...): drop and count it.
+    fn refused(&mut self, r: SpoolRecord, code: RDKafkaErrorCode) {
+        self.shared.budget.credit(r.compact_cost());
+        let sid = r.stream.as_ref().map_or("", |s| s.ids.stream_sid.as_str());
+        if let Some(suppressed) = DELIVERY_FAILED_LOG.check(&self.shared.metrics) {
+            tracing::warn!(stream_sid = sid, error = %code, suppressed, "record refused by the producer: dropped");
+        }
+        match r.kind {
+            Kind::Audio => {
+                let reason = if code == RDKafkaErrorCode::MessageSizeTooLarge {
+                    DropReason::TooLarge
+                } else {
+                    DropReason::ProduceError
+                };
+                self.drop_audio(&r, reason);
+            }
+            _ => self.shared.metrics.events_dropped.inc(),
+        }
+    }
+
+    /// Processes the delivery reports collected by the last polls.
+    fn settle(&mut self) {
+        let mut notes = std::mem::take(&mut self.notes);
+        take_notes(&mut notes);
+        for note in notes.drain(..) {
+            let Some(index) = note.opaque.checked_sub(1) else {
+                continue;
+            };
+            let Some(f) = self.inflight.get_mut(index).and_then(Option::take) else {
+                tracing::error!(opaque = note.opaque, "delivery report for no record (bug)");
+                continue;
+            };
+            self.free.push(index);
+            self.window_records -= 1;
+            self.shared.budget.window_done(f.window_cost);
+            match note.result {
+                Err(_) if self.in_rebuild => {
+                    // Re-sent by the new producer; charged back to the queued account.
+                    self.shared.budget.charge(f.record.compact_cost());
+                    self.rebuilding.push(f);
+                }
+                Ok((partition, offset)) => self.delivered(f, partition, offset),
+                Err(code) => self.failed(f, code),
+            }
+        }
+        self.notes = notes;
+    }
+
+    fn delivered(&mut self, f: InFlight, partition: i32, offset: i64) {
+        self.recovered();
+        let m = &self.shared.metrics;
+        let r = &f.record;
+        if let Some(s) = &r.stream {
+            if let Some(idx) = s.index.get(r.slot as usize) {
+                idx.delivered(partition, offset);
+            }
+        }
+        match r.kind {
+            Kind::Audio if r.flags & FLAG_PLAYBACK != 0 => {
+                // Played audio: its own accounting (it is not audio Twilio sent).
+                if let Some(s) = &r.stream {
+                    s.playback_delivered
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let stream = r.stream.clone();
+                self.audio_settled(stream.as_ref());
+            }
+            Kind::Audio => {
+                let chunks = r.chunks as u64;
+                m.frames_delivered.inc_by(chunks);
+                if let Some(s) = &r.stream {
+                    s.frames_delivered
+                        .fetch_add(chunks, std::sync::atomic::Ordering::Relaxed);
+                }
+                let now = crate::mono_micros();
+                m.delivery_latency
+                    .observe(now.saturating_sub(f.produced_us) as f64 / 1e6);
+                m.receive_to_ack
+                    .observe(crate::unix_micros().saturating_sub(r.received_at_us) as f64 / 1e6);
+                let stream = r.stream.clone();
+                self.audio_settled(stream.as_ref());
+            }
+            _ => m.events_delivered.inc(),
+        }
+    }
+
+    fn failed(&mut self, f: InFlight, code: RDKafkaErrorCode) {
+        let r = &f.record;
+        let sid = r.stream.as_ref().map_or("", |s| s.ids.stream_sid.as_str());
+        let topic = self
+            .params
+            .topics
+            .get(r.slot)
+            .map_or("", |t| t.name.as_str());
+        if let Some(suppressed) = DELIVERY_FAILED_LOG.check(&self.shared.metrics) {
+            tracing::warn!(stream_sid = sid, topic, error = %code, chunks = r.chunks, suppressed, "delivery failed");
+        }
+        match r.kind {
+            Kind::Audio if r.flags & FLAG_PLAYBACK != 0 => {
+                if let Some(s) = &r.stream {
+                    s.playback_dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let stream = r.stream.clone();
+                self.audio_settled(stream.as_ref());
+            }
+            Kind::Audio => {
+                let chunks = r.chunks as u64;
+                self.shared.metrics.frames_failed(classify(code), chunks);
+                if let Some(s) = &r.stream {
+                    s.drop_frames(DropReason::DeliveryFailed, chunks);
+                }
+                let stream = r.stream.clone();
+                self.audio_settled(stream.as_ref());
+            }
+            _ => self.shared.metrics.events_failed.inc(),
+        }
+    }
+
+    /// Replaces a producer that hit a fatal error; see the module docs.
+    fn rebuild(&mut self) {
+        let shared = self.shared.clone();
+        let m = &shared.metrics;
+        let fatal = self.producer.fatal_error();
+        m.kafka_fatal_errors.inc();
+        m.kafka_producer_healthy.set(0);
+        self.shared
+            .producer_healthy
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let (code, reason) = fatal.map_or(("unknown".to_owned(), String::new()), |(c, r)| {
+            (format!("{c:?}"), r)
+        });
+        tracing::error!(
+            code,
+            reason = %self.shared.kafka.redact(&reason),
+            in_flight = self.window_records,
+            "kafka producer fatal error: rebuilding the producer and re-sending what it held"
+        );
+        let context = DeliveryContext::new(self.shared.metrics.clone());
+        let new = match Producer::new(
+            &self.params.producer_config,
+            context,
+            &self.params.topics.names(),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                // Keep the broken producer (nothing it holds is lost: its reports will come)
+                // and try again next iteration.
+                tracing::error!(error = %self.shared.kafka.describe_error(&e), "cannot rebuild the kafka producer; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+                return;
+            }
+        };
+        let old = std::mem::replace(&mut self.producer, new);
+        // Purging the old producer serves a report for everything it held: each comes back as
+        // a failure, which `settle` sets aside for re-sending while `in_rebuild` is set.
+        self.in_rebuild = true;
+        old.purge();
+        self.settle();
+        drop(old);
+        // Anything the old producer never reported on is re-sent too.
+        for slot in self.inflight.iter_mut() {
+            if let Some(f) = slot.take() {
+                self.shared.budget.window_done(f.window_cost);
+                self.shared.budget.charge(f.record.compact_cost());
+                self.window_records -= 1;
+                self.rebuilding.push(f);
+            }
+        }
+        self.free = (0..self.inflight.len()).rev().collect();
+        self.in_rebuild = false;
+        let mut resend = std::mem::take(&mut self.rebuilding);
+        resend.sort_by_key(|f| f.seq);
+        let count = resend.len();
+        // In produce order, ahead of everything: per-stream order is kept because every
+        // younger record of those streams is either among them or still queued behind.
+        for f in resend.into_iter().rev() {
+            if let Some(s) = &f.record.stream {
+                s.backlog.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            self.rescued.push_front(f.record);
+        }
+        m.kafka_producer_rebuilds.inc();
+        // Readiness stays failed until the new producer proves itself (see `check_recovered`).
+        self.recovering = true;
+        tracing::warn!(
+            resent = count,
+            "kafka producer rebuilt; ready again once it delivers"
+        );
+    }
+
+    /// After a rebuild, the producer counts as healthy again once it delivered a record, or
+    /// once it holds nothing (no traffic to prove anything with).
+    fn check_recovered(&mut self) {
+        if self.recovering && self.window_records == 0 && self.rescued.is_empty() {
+            self.recovered();
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.recovering {
+            self.recovering = false;
+            self.shared.metrics.kafka_producer_healthy.set(1);
+            self.shared
+                .producer_healthy
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::info!("kafka producer healthy again");
+        }
+    }
+
+    /// Nothing queued, in flight or parked.
+    fn idle(&self) -> bool {
+        self.memory.is_empty()
+            && self.rescued.is_empty()
+            && self.window_records == 0
+            && self.parked.is_empty()
+    }
+
+    /// Ends the thread: whatever is still queued or unacknowledged is counted as
+    /// `shutdown_timeout` (audio) or dropped events, and the report goes back.
+    fn complete(&mut self, in_time: bool) {
+        let mut report = FinishReport {
+            complete: in_time,
+            ..Default::default()
+        };
+        if !in_time {
+            // Late arrivals too: nothing is silently lost.
+            while let Ok(r) = self.rx.try_recv() {
+                self.memory.push_back(r);
+            }
+            let queued: Vec<SpoolRecord> = self
+                .rescued
+                .drain(..)
+                .chain(self.memory.drain(..))
+                .collect();
+            for r in queued {
+                self.shared.budget.credit(r.compact_cost());
+                self.abandon(r, &mut report);
+            }
+            // Purge what librdkafka holds; its reports come back as failures set aside here.
+            self.in_rebuild = true;
+            self.producer.purge();
+            self.settle();
+            self.in_rebuild = false;
+            let held: Vec<InFlight> = self
+                .rebuilding
+                .drain(..)
+                .chain(self.inflight.iter_mut().filter_map(Option::take))
+                .collect();
+            for f in held {
+                self.abandon(f.record, &mut report);
+            }
+            for (_, t) in std::mem::take(&mut self.parked) {
+                self.abandon(t, &mut report);
+            }
+            tracing::error!(
+                frames = report.abandoned_frames,
+                events = report.abandoned_events,
+                "final flush timed out: records not acknowledged by Kafka"
+            );
+        }
+        if let Some((_, reply)) = self.finish.take() {
+            let _ = reply.send(report);
+        }
+    }
+
+    fn abandon(&mut self, r: SpoolRecord, report: &mut FinishReport) {
+        match r.kind {
+            Kind::Audio if r.flags & FLAG_PLAYBACK != 0 => {
+                if let Some(s) = &r.stream {
+                    s.playback_dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Kind::Audio => {
+                report.abandoned_frames += r.chunks as u64;
+                let chunks = r.chunks as u64;
+                self.shared.metrics.dropped[DropReason::ShutdownTimeout].inc_by(chunks);
+                if let Some(s) = &r.stream {
+                    s.drop_frames(DropReason::ShutdownTimeout, chunks);
+                }
+            }
+            _ => {
+                report.abandoned_events += 1;
+                self.shared.metrics.events_dropped.inc();
+            }
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.shared.metrics;
+        self.shared.budget.publish_gauge();
+        m.kafka_window_records.set(self.window_records as i64);
+        m.kafka_window_bytes.set(self.shared.budget.window() as i64);
+    }
+}
+
+/// The final counts of a stream.
+fn counts_of(s: &StreamEntry) -> TerminalCounts {
+    use std::sync::atomic::Ordering::Relaxed;
+    TerminalCounts {
+        frames_received: s.frames_received.load(Relaxed),
+        frames_published: s.frames_accepted.load(Relaxed),
+        frames_delivered: s.frames_delivered.load(Relaxed),
+        drops: DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), s.dropped(*r)))
+            .filter(|(_, n)| *n > 0)
+            .collect(),
+    }
+}
+
+/// Maps a librdkafka error code to the `gateway_frames_failed_total{error}` label.
+fn classify(code: RDKafkaErrorCode) -> DeliveryError {
+    match code {
+        RDKafkaErrorCode::MessageTimedOut => DeliveryError::MessageTimedOut,
+        RDKafkaErrorCode::PurgeQueue => DeliveryError::PurgeQueue,
+        RDKafkaErrorCode::PurgeInflight => DeliveryError::PurgeInflight,
+        RDKafkaErrorCode::UnknownTopicOrPartition
+        | RDKafkaErrorCode::UnknownTopic
+        | RDKafkaErrorCode::UnknownPartition => DeliveryError::UnknownTopicOrPartition,
+        RDKafkaErrorCode::MessageSizeTooLarge => DeliveryError::MessageSizeTooLarge,
+        RDKafkaErrorCode::TopicAuthorizationFailed => DeliveryError::TopicAuthorizationFailed,
+        RDKafkaErrorCode::Fatal => DeliveryError::Fatal,
+        _ => DeliveryError::Other,
+    }
+}
+
+/// [`audio_headers`] for benchmarks (the drain's per-record header work, measured alone).
+#[doc(hidden)]
+pub fn audio_headers_for_bench(r: &SpoolRecord, topics: &Topics, gateway_id: &str) -> Headers {
+    match topics.get(r.slot) {
+        Some(spec) => audio_headers(r, spec, gateway_id, false),
+        None => Headers::with_capacity(0),
+    }
+}
+
+/// Builds the headers of an audio record (the public contract, see README). Numbers are
+/// formatted on the stack; librdkafka copies every header.
+fn audio_headers(
+    r: &SpoolRecord,
+    spec: &super::TopicSpec,
+    gateway_id: &str,
+    batching: bool,
+) -> Headers {
+    let TopicKind::Audio {
+        encoding,
+        sample_rate,
+        channels,
+        profile,
+        ..
+    } = &spec.kind
+    else {
+        return Headers::with_capacity(0);
+    };
+    let mut h = Headers::with_capacity(15);
+    let mut n = itoa::Buffer::new();
+    if let Some(s) = &r.stream {
+        h.add("stream_sid", s.ids.stream_sid.as_bytes());
+        h.add("call_sid", s.ids.call_sid.as_bytes());
+        h.add("account_sid", s.ids.account_sid.as_bytes());
+    }
+    h.add("track", r.track().as_str().as_bytes());
+    h.add("seq", n.format(r.seq).as_bytes());
+    h.add("chunk", n.format(r.chunk).as_bytes());
+    h.add("timestamp_ms", n.format(r.timestamp_ms).as_bytes());
+    h.add("encoding", encoding.as_bytes());
+    h.add("sample_rate", n.format(*sample_rate).as_bytes());
+    h.add("channels", n.format(*channels).as_bytes());
+    h.add("gateway", gateway_id.as_bytes());
+    h.add("received_at_us", n.format(r.received_at_us).as_bytes());
+    if batching || r.chunks != 1 {
+        h.add("chunks", n.format(r.chunks).as_bytes());
+    }
+    if let Some(p) = profile {
+        h.add("profile", p.as_bytes());
+    }
+    if r.flags & FLAG_PLAYBACK != 0 {
+        h.add("source", b"playback");
+    }
+    h
+}
