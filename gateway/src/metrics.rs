@@ -471,6 +471,9 @@ pub struct Metrics {
     pub playback_queued_bytes: IntGauge,
     /// `gateway_playback_latency_seconds`: playback record produced → its first frame written.
     pub playback_latency: Histogram,
+    /// `gateway_playback_read_latency_seconds`: playback record produced → read by the
+    /// playback consumer (the Kafka part of the playback latency).
+    pub playback_read_latency: Histogram,
     /// `gateway_playback_mark_alignment_seconds`: |Twilio's echo of a played mark − where the
     /// gateway's playout timeline put the end of its audio|.
     pub playback_mark_alignment: Histogram,
@@ -767,6 +770,11 @@ impl Metrics {
                 &r,
                 "gateway_playback_latency_seconds",
                 "Playback record produced (its Kafka timestamp) to its first frame written to the socket.",
+            ),
+            playback_read_latency: histogram(
+                &r,
+                "gateway_playback_read_latency_seconds",
+                "Playback record produced (its Kafka timestamp) to read by the playback consumer.",
             ),
             playback_mark_alignment: histogram(
                 &r,

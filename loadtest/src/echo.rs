@@ -63,6 +63,8 @@ pub struct EchoConfig {
     pub clear_every: Duration,
     /// Inbound records gathered and written back to back (1 = one by one).
     pub burst: u64,
+    /// Write a burst as one playback record (a TTS engine's chunk) instead of one per chunk.
+    pub merge_burst: bool,
     /// Every N-th stream (index % N == N − 1) is ended by a `stop` record (0 = none).
     pub stop_every: u64,
     /// How long after its `start` event a stopped stream gets its `stop`.
@@ -79,6 +81,7 @@ impl Default for EchoConfig {
             mark_every: 10,
             clear_every: Duration::ZERO,
             burst: 1,
+            merge_burst: false,
             stop_every: 0,
             stop_after: Duration::from_secs(5),
             linger_ms: 1,
@@ -511,8 +514,14 @@ impl Bot {
             let _ = self
                 .bot_lag
                 .record(us(Instant::now().saturating_duration_since(d.due)));
-            for (payload, mulaw_in) in items {
-                self.media(d.stream, &payload, mulaw_in);
+            if self.cfg.merge_burst && items.windows(2).all(|w| w[0].1 == w[1].1) {
+                let mulaw_in = items.first().is_some_and(|i| i.1);
+                let merged: Vec<u8> = items.into_iter().flat_map(|i| i.0).collect();
+                self.media(d.stream, &merged, mulaw_in);
+            } else {
+                for (payload, mulaw_in) in items {
+                    self.media(d.stream, &payload, mulaw_in);
+                }
             }
         }
     }

@@ -91,6 +91,10 @@ struct EchoArgs {
     /// text-to-speech reply), so the playout buffer holds audio for marks and clears.
     #[arg(long, default_value_t = 5)]
     echo_burst: u64,
+    /// Write each burst as one playback record (as a TTS engine hands over its audio in
+    /// chunks) instead of one record per inbound chunk.
+    #[arg(long)]
+    echo_merge_burst: bool,
     /// A mark after every N playback media records (0 = none).
     #[arg(long, default_value_t = 10)]
     mark_every: u64,
@@ -244,6 +248,7 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, RunOptions, &Common), Vec<St
                 mark_every: echo.mark_every,
                 clear_every: s(echo.clear_every, "clear-every"),
                 burst: echo.echo_burst,
+                merge_burst: echo.echo_merge_burst,
                 stop_every: echo.stop_every,
                 stop_after: s(echo.stop_after.unwrap_or(half_call), "stop-after"),
                 linger_ms: echo.echo_linger_ms,

@@ -250,8 +250,8 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "  kafka records          audio={} batched={} foreign={} malformed={} consumer_errors={}  events={:?}",
-                v.audio_records, v.batched_records, v.foreign_records, v.malformed_records, v.consumer_errors, v.events
+                "  kafka records          audio={} batched={} foreign={} malformed={} playback_recorded={} consumer_errors={}  events={:?}",
+                v.audio_records, v.batched_records, v.foreign_records, v.malformed_records, v.playback_recorded_records, v.consumer_errors, v.events
             );
             let _ = writeln!(
                 s,

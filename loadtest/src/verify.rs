@@ -274,6 +274,9 @@ pub struct VerifySummary {
     pub foreign_records: u64,
     /// Records with missing or unparsable headers.
     pub malformed_records: u64,
+    /// Outbound records of audio the gateway played into calls (`source: playback`, the
+    /// bidirectional recording): not uplink audio, counted here and not verified as such.
+    pub playback_recorded_records: u64,
     /// End-to-end latency per chunk: receipt time (stamped by the consume loop before any
     /// checking) − scheduled send time. Includes the verifying consumer's own fetch lag.
     pub latency: Percentiles,
@@ -929,6 +932,12 @@ impl Verification {
                 // Registrations may lag the first records of a stream: drain them first.
                 self.drain_regs();
                 self.ledger.event(raw.payload());
+            }
+            1 if raw
+                .headers()
+                .any(|(k, v)| k == "source" && v == b"playback") =>
+            {
+                self.ledger.summary.playback_recorded_records += 1;
             }
             0 | 1 => {
                 let topic_track = if raw.topic == 0 {

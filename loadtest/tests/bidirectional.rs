@@ -564,6 +564,7 @@ async fn bidirectional_scenario_through_a_real_broker() {
             mark_every: 5,
             clear_every: Duration::from_millis(1300),
             burst: 5,
+            merge_burst: false,
             stop_every: 4,
             stop_after: Duration::from_millis(2500),
             linger_ms: 1,

@@ -197,10 +197,11 @@ impl Router {
             Command::Clear => PlaybackType::Clear,
             Command::Stop => PlaybackType::Stop,
         };
-        let produced_ms = m
-            .timestamp()
-            .to_millis()
-            .unwrap_or_else(|| crate::unix_micros() as i64 / 1000);
+        let now_ms = crate::unix_micros() as i64 / 1000;
+        let produced_ms = m.timestamp().to_millis().unwrap_or(now_ms);
+        self.metrics
+            .playback_read_latency
+            .observe((now_ms - produced_ms).max(0) as f64 / 1000.0);
         match route.push(command, produced_ms, &self.bounds) {
             Ok(()) => {
                 self.metrics.playback_records[kind].inc();

@@ -93,11 +93,12 @@ pub struct Attached {
 }
 
 impl Attached {
-    /// Publishes one played frame as outbound audio at `timestamp_ms` on the stream timeline.
-    pub fn record(&self, ulaw: &[u8], timestamp_ms: u64, n: u64) {
+    /// Publishes played audio (`frames` frames, the first numbered `first_frame`) as one
+    /// outbound audio record at `timestamp_ms` on the stream timeline.
+    pub fn record(&self, ulaw: &[u8], timestamp_ms: u64, first_frame: u64, frames: u32) {
         if self.record_outbound {
             self.sink
-                .publish_playback_audio(&self.entry, ulaw, timestamp_ms, n);
+                .publish_playback_audio(&self.entry, ulaw, timestamp_ms, first_frame, frames);
         }
     }
 

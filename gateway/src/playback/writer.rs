@@ -58,6 +58,10 @@ struct Current {
     bytes: Vec<u8>,
     pos: usize,
     produced_ms: i64,
+    /// Where its first frame plays on the stream's timeline, ms.
+    starts_ms: u64,
+    /// Number (1-based) of its first frame among the stream's played frames.
+    first_frame: u64,
 }
 
 /// The wrapper; see the module docs.
@@ -229,6 +233,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
                         bytes,
                         pos: 0,
                         produced_ms: q.produced_ms,
+                        starts_ms: 0,
+                        first_frame: 0,
                     });
                 }
                 Command::Mark(name) if stale => attached.mark_discarded(&name),
@@ -251,6 +257,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
                 .counters
                 .bytes_cleared
                 .fetch_add(left, Ordering::Relaxed);
+            // What of it was sent is what plays: record that part.
+            Self::record(attached, &cur, cur.pos);
         }
         self.json.clear();
         self.json
@@ -309,18 +317,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
         let _ = b64.encode(frame, base64_simd::Out::from_slice(&mut self.json[at..]));
         self.json.extend_from_slice(br#""}}"#);
         push_text_frame(&mut self.out, &self.json);
-        if first {
-            let lag_ms = crate::unix_micros() as i64 / 1000 - cur.produced_ms;
-            self.metrics
-                .playback_latency
-                .observe(lag_ms.max(0) as f64 / 1000.0);
-        }
         // Where Twilio will play it: after what is still playing, or now.
         let start_us = self.playout_end_us.max(now);
         let dur_us = frame.len() as i64 * 125; // 8 samples per ms
         self.playout_end_us = start_us + dur_us;
         self.recorded += 1;
-        attached.record(frame, start_us.max(0) as u64 / 1000, self.recorded);
+        if first {
+            let lag_ms = crate::unix_micros() as i64 / 1000 - cur.produced_ms;
+            self.metrics
+                .playback_latency
+                .observe(lag_ms.max(0) as f64 / 1000.0);
+            // The record's frames play back to back from here (they are written together).
+            cur.starts_ms = start_us.max(0) as u64 / 1000;
+            cur.first_frame = self.recorded;
+        }
         let c = &self.shared.counters;
         c.frames_sent.fetch_add(1, Ordering::Relaxed);
         c.media_bytes_sent
@@ -328,7 +338,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
         self.metrics.playback_bytes_sent.inc_by(frame.len() as u64);
         cur.pos = end;
         if cur.pos >= cur.bytes.len() {
-            self.current = None;
+            if let Some(done) = self.current.take() {
+                Self::record(attached, &done, done.pos);
+            }
+        }
+    }
+
+    /// Records the first `sent` bytes of a playback record as one outbound audio record: its
+    /// frames were written together, so they play contiguously from the first one's place.
+    fn record(attached: &Attached, cur: &Current, sent: usize) {
+        if sent > 0 {
+            let frames = sent.div_ceil(FRAME_BYTES) as u32;
+            attached.record(&cur.bytes[..sent], cur.starts_ms, cur.first_frame, frames);
         }
     }
 }

@@ -376,7 +376,7 @@ impl Drain {
         if r.flags & FLAG_PLAYBACK != 0 {
             if let Some(s) = &r.stream {
                 s.playback_dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    .fetch_add(r.chunks as u64, std::sync::atomic::Ordering::Relaxed);
             }
             self.audio_settled(r.stream.as_ref());
             return;
@@ -597,7 +597,7 @@ impl Drain {
                 // Played audio: its own accounting (it is not audio Twilio sent).
                 if let Some(s) = &r.stream {
                     s.playback_delivered
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        .fetch_add(r.chunks as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 let stream = r.stream.clone();
                 self.audio_settled(stream.as_ref());
@@ -636,7 +636,7 @@ impl Drain {
             Kind::Audio if r.flags & FLAG_PLAYBACK != 0 => {
                 if let Some(s) = &r.stream {
                     s.playback_dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        .fetch_add(r.chunks as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 let stream = r.stream.clone();
                 self.audio_settled(stream.as_ref());
@@ -806,7 +806,7 @@ impl Drain {
             Kind::Audio if r.flags & FLAG_PLAYBACK != 0 => {
                 if let Some(s) = &r.stream {
                     s.playback_dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        .fetch_add(r.chunks as u64, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             Kind::Audio => {

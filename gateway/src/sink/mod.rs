@@ -502,28 +502,35 @@ impl Sink {
         }
     }
 
-    /// Records one frame of audio the gateway played into the call (bidirectional streams) as
-    /// an outbound audio record with `source: playback`, at `timestamp_ms` on the stream's
-    /// timeline; `n` numbers the played frames (its `seq` and `chunk`). Admitted like any
-    /// audio; when it does not fit it is counted, not recorded.
+    /// Records audio the gateway played into the call (bidirectional streams) as an outbound
+    /// audio record with `source: playback`, at `timestamp_ms` on the stream's timeline;
+    /// `first_frame` numbers its first 20 ms frame among the stream's played frames (its
+    /// `seq` and `chunk`), `frames` how many it holds (`chunks`). Admitted like any audio;
+    /// when it does not fit it is counted, not recorded.
     pub fn publish_playback_audio(
         &self,
         entry: &Arc<StreamEntry>,
         ulaw: &[u8],
         timestamp_ms: u64,
-        n: u64,
+        first_frame: u64,
+        frames: u32,
     ) {
+        let n = first_frame;
         let shared = &self.shared;
         let cost = ulaw.len() as u64 + record::COMPACT_OVERHEAD;
         if !shared
             .budget
             .try_admit(cost, shared.overflow == OverflowPolicy::DropOldest)
         {
-            entry.playback_dropped.fetch_add(1, Ordering::Relaxed);
+            entry
+                .playback_dropped
+                .fetch_add(frames as u64, Ordering::Relaxed);
             return;
         }
         entry.outstanding.fetch_add(1, Ordering::Relaxed);
-        entry.playback_recorded.fetch_add(1, Ordering::Relaxed);
+        entry
+            .playback_recorded
+            .fetch_add(frames as u64, Ordering::Relaxed);
         let r = SpoolRecord {
             stream: Some(entry.clone()),
             payload: ulaw.into(),
@@ -531,7 +538,7 @@ impl Sink {
             timestamp_ms,
             received_at_us: crate::unix_micros(),
             chunk: n.min(u32::MAX as u64) as u32,
-            chunks: 1,
+            chunks: frames.min(u16::MAX as u32) as u16,
             slot: OUTBOUND_SLOT,
             kind: record::Kind::Audio,
             aux: Track::Outbound.index() as u8,
@@ -540,8 +547,12 @@ impl Sink {
         if self.send(r).is_err() {
             shared.budget.credit(cost);
             entry.outstanding.fetch_sub(1, Ordering::Relaxed);
-            entry.playback_recorded.fetch_sub(1, Ordering::Relaxed);
-            entry.playback_dropped.fetch_add(1, Ordering::Relaxed);
+            entry
+                .playback_recorded
+                .fetch_sub(frames as u64, Ordering::Relaxed);
+            entry
+                .playback_dropped
+                .fetch_add(frames as u64, Ordering::Relaxed);
         }
     }
 
