@@ -393,12 +393,19 @@ async fn playback_reaches_the_call_in_order_with_marks_and_the_played_audio_is_r
     assert_eq!(pb["media_bytes_sent"], 8000 + 4003);
     assert_eq!(pb["marks_sent"], 2);
     assert_eq!(pb["frames_recorded"], 76);
-    // The played audio is on the outbound topic, `source: playback`, contiguous on the
-    // stream's timeline, equal to what was sent.
+    // The played audio is on the outbound topic, `source: playback`, one record per playback
+    // record (its frames are written together), contiguous on the stream's timeline, equal
+    // to what was sent.
     let outbound = vec![format!("{}.audio.outbound", gw.prefix)];
     let b = gw.brokers.clone();
+    let sid = c.sid.clone();
     let recs = tokio::task::spawn_blocking(move || {
-        consume_until(&b, &outbound, Duration::from_secs(20), |r| r.len() >= 76)
+        consume_until(&b, &outbound, Duration::from_secs(20), |r| {
+            r.iter()
+                .filter(|x| x.key.as_deref() == Some(sid.as_str()))
+                .count()
+                >= 2
+        })
     })
     .await
     .unwrap();
@@ -406,7 +413,11 @@ async fn playback_reaches_the_call_in_order_with_marks_and_the_played_audio_is_r
         .iter()
         .filter(|r| r.key.as_deref() == Some(c.sid.as_str()))
         .collect();
-    assert_eq!(mine.len(), 76);
+    assert_eq!(mine.len(), 2, "one recorded record per played record");
+    assert_eq!(mine[0].h("chunks"), "50");
+    assert_eq!(mine[0].h("chunk"), "1");
+    assert_eq!(mine[1].h("chunks"), "26");
+    assert_eq!(mine[1].h("chunk"), "51");
     let mut pcm = Vec::new();
     let mut next_ts: Option<u64> = None;
     for r in &mine {
