@@ -19,6 +19,7 @@ use crate::server::access::{AccessConfig, Cidr};
 use crate::server::ServerConfig;
 use crate::session::SessionConfig;
 use crate::sink::kafka_config::{parse_option, parse_properties, KafkaOption, KafkaOptions};
+use crate::sink::spool::{DiskConfig, FsyncPolicy, SpoolConfig};
 use crate::sink::{AudioEncoding, SinkConfig, MAX_WINDOW_BYTES};
 use crate::watchdog::WatchdogConfig;
 
@@ -149,9 +150,30 @@ pub struct RunArgs {
     /// When the in-flight budget is full: drop-newest, drop-oldest or disconnect [default: drop-newest].
     #[arg(long, env = "GATEWAY_OVERFLOW")]
     pub overflow: Option<String>,
-    /// Fraction of the in-flight budget above which /readyz fails [default: 0.8].
+    /// Fraction of the in-flight budget (and of --spool-max-bytes) above which /readyz fails
+    /// [default: 0.8].
     #[arg(long, env = "GATEWAY_READINESS_WATERMARK")]
     pub readiness_watermark: Option<f64>,
+    /// Directory for the spool's disk tier: records waiting for Kafka beyond the memory tier
+    /// go to checksummed segment files here, and survive a restart [default: none, memory
+    /// tier only].
+    #[arg(long, env = "GATEWAY_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Cap on the spool's segment files, bytes [default: 4294967296].
+    #[arg(long, env = "GATEWAY_SPOOL_MAX_BYTES")]
+    pub spool_max_bytes: Option<u64>,
+    /// When spool writes are synced to stable storage: `always`, `never`, or an interval such
+    /// as `1s` (from a helper thread) [default: 1s].
+    #[arg(long, env = "GATEWAY_SPOOL_FSYNC")]
+    pub spool_fsync: Option<String>,
+    /// With --spool-dir: the memory tier spills to disk above this many bytes
+    /// [default: 33554432].
+    #[arg(long, env = "GATEWAY_SPOOL_MEMORY_BYTES")]
+    pub spool_memory_bytes: Option<u64>,
+    /// With --spool-dir: records waiting longer than this spill to disk even below the memory
+    /// threshold (bounds what a crash can take) [default: 1s].
+    #[arg(long, env = "GATEWAY_SPOOL_SPILL_AFTER")]
+    pub spool_spill_after: Option<String>,
     /// End a stream after this long without any frame [default: 5s].
     #[arg(long, env = "GATEWAY_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
@@ -206,6 +228,11 @@ struct FileConfig {
     max_inflight_bytes: Option<u64>,
     overflow: Option<String>,
     readiness_watermark: Option<f64>,
+    spool_dir: Option<PathBuf>,
+    spool_max_bytes: Option<u64>,
+    spool_fsync: Option<String>,
+    spool_memory_bytes: Option<u64>,
+    spool_spill_after: Option<String>,
     idle_timeout: Option<String>,
     ping_interval: Option<String>,
     handshake_timeout: Option<String>,
@@ -383,6 +410,12 @@ impl Config {
             args.kafka_drain_interval,
             file.kafka_drain_interval,
             "1ms",
+        );
+        let spool_spill_after = dur(
+            "spool-spill-after",
+            args.spool_spill_after,
+            file.spool_spill_after,
+            "1s",
         );
         let playback_buffer = dur(
             "playback-buffer",
@@ -740,6 +773,45 @@ impl Config {
             max_payload_bytes: max_message_bytes,
             max_anomaly_events: 100,
         };
+        let spool_dir = args.spool_dir.or(file.spool_dir);
+        let spool_max_bytes = args
+            .spool_max_bytes
+            .or(file.spool_max_bytes)
+            .unwrap_or(4 << 30);
+        if spool_max_bytes < 1 << 20 {
+            errors.push(format!(
+                "--spool-max-bytes: {spool_max_bytes} must be at least 1 MiB"
+            ));
+        }
+        let fsync_s = args
+            .spool_fsync
+            .or(file.spool_fsync)
+            .unwrap_or_else(|| "1s".into());
+        let spool_fsync = FsyncPolicy::parse(&fsync_s).unwrap_or_else(|| {
+            errors.push(format!(
+                "--spool-fsync: {fsync_s:?} must be always, never or an interval such as 1s"
+            ));
+            FsyncPolicy::Never
+        });
+        let spool_memory_bytes = args
+            .spool_memory_bytes
+            .or(file.spool_memory_bytes)
+            .unwrap_or(32 << 20);
+        if spool_memory_bytes < 64 << 10 {
+            errors.push(format!(
+                "--spool-memory-bytes: {spool_memory_bytes} must be at least 64 KiB"
+            ));
+        }
+        let spool = SpoolConfig {
+            disk: spool_dir.map(|dir| DiskConfig {
+                dir,
+                max_bytes: spool_max_bytes,
+                segment_bytes: DiskConfig::segment_bytes_for(spool_max_bytes),
+                fsync: spool_fsync,
+            }),
+            memory_bytes: spool_memory_bytes,
+            spill_after: spool_spill_after,
+        };
         Ok(Config {
             listen,
             admin_listen,
@@ -767,6 +839,7 @@ impl Config {
                 topic_replication,
                 drain_interval,
                 readiness_watermark,
+                spool,
             },
             server: ServerConfig {
                 ws_path,
@@ -854,6 +927,32 @@ impl Config {
                 q(&format!("{}ms", self.playback.per_stream_bytes / 8)),
             ),
             ("playback_max_bytes", self.playback.total_bytes.to_string()),
+            (
+                "spool_dir",
+                q(&sink
+                    .spool
+                    .disk
+                    .as_ref()
+                    .map_or(String::new(), |d| d.dir.display().to_string())),
+            ),
+            (
+                "spool_max_bytes",
+                sink.spool
+                    .disk
+                    .as_ref()
+                    .map_or(0, |d| d.max_bytes)
+                    .to_string(),
+            ),
+            (
+                "spool_fsync",
+                q(&sink
+                    .spool
+                    .disk
+                    .as_ref()
+                    .map_or("never".into(), |d| d.fsync.describe())),
+            ),
+            ("spool_memory_bytes", sink.spool.memory_bytes.to_string()),
+            ("spool_spill_after", ms(sink.spool.spill_after)),
         ];
         let mut s = String::new();
         for (k, v) in lines {

@@ -327,6 +327,9 @@ pub struct TerminalCounts {
     pub frames_delivered: u64,
     /// Chunks not delivered, by reason (only non-zero reasons).
     pub drops: Vec<(&'static str, u64)>,
+    /// The stream was recovered from the spool after a restart: the counts cover what the
+    /// spool held (see the README's spool section).
+    pub recovered: bool,
 }
 
 /// Renders the terminal event into `out` (cleared first).
@@ -364,6 +367,9 @@ pub fn render_terminal(
         }
         if let Some(p) = &info.playback {
             map.insert("playback".into(), p.clone());
+        }
+        if counts.recovered {
+            map.insert("recovered".into(), true.into());
         }
     }
     // Serialising a Value into a Vec cannot fail.

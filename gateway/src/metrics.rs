@@ -90,6 +90,36 @@ impl<L: LabelValue> Index<L> for Counters<L> {
     }
 }
 
+/// One gauge family with a handle per enum value, resolved at registration.
+pub struct Gauges<L: LabelValue> {
+    handles: Vec<IntGauge>,
+    _label: PhantomData<L>,
+}
+
+impl<L: LabelValue> Gauges<L> {
+    fn register(registry: &Registry, name: &str, help: &str, label: &str) -> Self {
+        let vec = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        registry
+            .register(Box::new(vec.clone()))
+            .expect("unique metric");
+        let handles = L::all()
+            .iter()
+            .map(|l| vec.with_label_values(&[l.text()]))
+            .collect();
+        Gauges {
+            handles,
+            _label: PhantomData,
+        }
+    }
+}
+
+impl<L: LabelValue> Index<L> for Gauges<L> {
+    type Output = IntGauge;
+    fn index(&self, l: L) -> &IntGauge {
+        &self.handles[l.position()]
+    }
+}
+
 label_enum! {
     /// Why a frame (one Twilio `media` chunk) was not delivered to Kafka.
     pub enum DropReason {
@@ -103,6 +133,8 @@ label_enum! {
         EmptyPayload => "empty_payload",
         /// Delivery failed after librdkafka's retries (counted on the delivery report).
         DeliveryFailed => "delivery_failed",
+        /// Recovered from the spool for a topic this configuration no longer has.
+        Unroutable => "unroutable",
         /// `--overflow drop-oldest` evicted it from the spool to make room for newer audio.
         Evicted => "evicted",
         /// Still queued when the shutdown flush timed out.
@@ -376,6 +408,52 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// Tiers of the spool (`gateway_spool_bytes{tier}`).
+    pub enum SpoolTier {
+        /// Records held in memory.
+        Memory => "memory",
+        /// Records in segment files (`--spool-dir`).
+        Disk => "disk",
+    }
+}
+
+label_enum! {
+    /// Why the rest of a spool segment was skipped (`gateway_spool_corrupt_segments_total{reason}`).
+    pub enum CorruptReason {
+        /// Not a segment header (or its checksum is wrong).
+        Header => "header",
+        /// A format version this build does not read.
+        Version => "version",
+        /// A frame does not match its checksum.
+        Checksum => "checksum",
+        /// The file ends inside a frame (a write cut short).
+        Truncated => "truncated",
+        /// A frame with a valid checksum that does not parse.
+        Malformed => "malformed",
+        /// The file could not be read.
+        Unreadable => "unreadable",
+    }
+}
+
+label_enum! {
+    /// Spool file operations that can fail (`gateway_spool_disk_errors_total{op}`).
+    pub enum DiskOp {
+        /// Creating a segment file.
+        Create => "create",
+        /// Appending to a segment.
+        Write => "write",
+        /// Reading a segment back.
+        Read => "read",
+        /// fsync of a segment or of the directory.
+        Sync => "sync",
+        /// Deleting a consumed segment.
+        Delete => "delete",
+        /// Moving a corrupt segment aside.
+        Rename => "rename",
+    }
+}
+
 /// Sub-millisecond to multi-second buckets for latencies measured in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5,
@@ -481,6 +559,112 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// `gateway_draining`: 1 after SIGTERM.
     pub draining: IntGauge,
+    /// The spool's metrics.
+    pub spool: SpoolMetrics,
+}
+
+/// Metrics of the spool (`gateway_spool_*`).
+pub struct SpoolMetrics {
+    /// `gateway_spool_bytes{tier}`: memory tier at compact cost, disk tier as file bytes.
+    pub bytes: Gauges<SpoolTier>,
+    /// `gateway_spool_records{tier}`.
+    pub records: Gauges<SpoolTier>,
+    /// `gateway_spool_oldest_age_milliseconds`: age of the oldest spooled record.
+    pub oldest_age_ms: IntGauge,
+    /// `gateway_spool_segments`: segment files in use.
+    pub segments: IntGauge,
+    /// `gateway_spool_quarantined_segments`: corrupt segments moved aside (`*.corrupt`).
+    pub quarantined: IntGauge,
+    /// `gateway_spool_foreign_files`: files in the spool directory that are not the spool's.
+    pub foreign_files: IntGauge,
+    /// `gateway_spool_max_bytes`: `--spool-max-bytes` (0 without `--spool-dir`).
+    pub max_bytes: IntGauge,
+    /// `gateway_spool_spilled_records_total`: records written to the disk tier.
+    pub spilled: IntCounter,
+    /// `gateway_spool_replayed_records_total`: records read back from the disk tier.
+    pub replayed: IntCounter,
+    /// `gateway_spool_recovered_records_total`: records read back that an earlier process
+    /// wrote (after a restart).
+    pub recovered: IntCounter,
+    /// `gateway_spool_corrupt_segments_total{reason}`.
+    pub corrupt: Counters<CorruptReason>,
+    /// `gateway_spool_disk_errors_total{op}`.
+    pub disk_errors: Counters<DiskOp>,
+    /// `gateway_spool_full_total`: times the disk tier had no room for a spill
+    /// (`--spool-max-bytes` reached or the disk full).
+    pub full: IntCounter,
+}
+
+impl SpoolMetrics {
+    fn register(r: &Registry) -> SpoolMetrics {
+        SpoolMetrics {
+            bytes: Gauges::register(
+                r,
+                "gateway_spool_bytes",
+                "Bytes of spooled records: memory tier at their compact cost, disk tier as segment file bytes.",
+                "tier",
+            ),
+            records: Gauges::register(
+                r,
+                "gateway_spool_records",
+                "Spooled records waiting for the Kafka window, by tier (recovered segments count as they are read).",
+                "tier",
+            ),
+            oldest_age_ms: gauge(
+                r,
+                "gateway_spool_oldest_age_milliseconds",
+                "Age of the oldest record waiting in the spool (0 when empty).",
+            ),
+            segments: gauge(r, "gateway_spool_segments", "Spool segment files in use."),
+            quarantined: gauge(
+                r,
+                "gateway_spool_quarantined_segments",
+                "Corrupt spool segments moved aside as *.corrupt (not counted in gateway_spool_bytes).",
+            ),
+            foreign_files: gauge(
+                r,
+                "gateway_spool_foreign_files",
+                "Files in the spool directory that are not spool segments (ignored).",
+            ),
+            max_bytes: gauge(
+                r,
+                "gateway_spool_max_bytes",
+                "Disk tier limit (--spool-max-bytes; 0 without --spool-dir).",
+            ),
+            spilled: counter(
+                r,
+                "gateway_spool_spilled_records_total",
+                "Records written to the spool's disk tier.",
+            ),
+            replayed: counter(
+                r,
+                "gateway_spool_replayed_records_total",
+                "Records read back from the spool's disk tier.",
+            ),
+            recovered: counter(
+                r,
+                "gateway_spool_recovered_records_total",
+                "Records read back from segments an earlier process wrote.",
+            ),
+            corrupt: Counters::register(
+                r,
+                "gateway_spool_corrupt_segments_total",
+                "Spool segments whose remainder was skipped, by reason.",
+                "reason",
+            ),
+            disk_errors: Counters::register(
+                r,
+                "gateway_spool_disk_errors_total",
+                "Failed spool file operations, by operation.",
+                "op",
+            ),
+            full: counter(
+                r,
+                "gateway_spool_full_total",
+                "Times the disk tier had no room for a spill (--spool-max-bytes reached or the disk full).",
+            ),
+        }
+    }
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -783,6 +967,7 @@ impl Metrics {
             ),
             ready: gauge(&r, "gateway_ready", "1 while /readyz answers 200."),
             draining: gauge(&r, "gateway_draining", "1 once shutdown has begun."),
+            spool: SpoolMetrics::register(&r),
             registry: r,
         })
     }

@@ -6,46 +6,18 @@ mod support;
 
 use std::time::Duration;
 
-use fastwebsockets::{Frame, Payload};
 use support::*;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const ACCOUNT: &str = "AC00000000000000000000000000000003";
 
-/// Streams inbound chunks in real time for `secs`, then stop. Returns chunks sent.
 async fn realtime_stream(
     port: u16,
     stream_sid: String,
     secs: u64,
     audio: std::sync::Arc<Vec<u8>>,
 ) -> u64 {
-    let mut c = connect_path(port, "/stream").await.expect("connect");
-    let call = stream_sid.replace("MZ", "CA");
-    c.send(&connected()).await;
-    c.send(&start(&stream_sid, &call, ACCOUNT, &["inbound"], &[]))
-        .await;
-    let chunks = secs * 50;
-    let mut next = tokio::time::Instant::now();
-    for k in 0..chunks {
-        let off = (k as usize * 160) % (audio.len() - 160);
-        let msg = media(
-            &stream_sid,
-            k + 2,
-            "inbound",
-            k + 1,
-            k * 20,
-            &audio[off..off + 160],
-        );
-        c.ws.write_frame(Frame::text(Payload::Owned(msg.into_bytes())))
-            .await
-            .expect("send");
-        next += Duration::from_millis(20);
-        tokio::time::sleep_until(next).await;
-    }
-    c.send(&stop(&stream_sid, chunks + 2, ACCOUNT, &call)).await;
-    c.close().await;
-    let _ = c.read_close(Duration::from_secs(5)).await;
-    chunks
+    realtime_call(port, stream_sid, ACCOUNT, secs, audio, false).await
 }
 
 fn per_stream(recs: &[Record], stream_sid: &str) -> Vec<Record> {

@@ -33,6 +33,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use super::delivery::{take_notes, DeliveryContext, DeliveryNote};
 use super::producer::{Headers, ProduceError, Producer};
 use super::record::{window_cost, Kind, SpoolRecord, FLAG_PLAYBACK};
+use super::spool::{Spool, Ticket};
 use super::stream::StreamEntry;
 use super::{OverflowPolicy, Shared, TopicKind, Topics};
 use crate::events::{render_terminal, ReplayEntry, TerminalCounts, TerminalInfo};
@@ -63,6 +64,8 @@ pub struct FinishReport {
     pub abandoned_frames: u64,
     /// Events still unacknowledged at the deadline.
     pub abandoned_events: u64,
+    /// Records left in the spool directory for the next process (with `--spool-dir`).
+    pub spooled_records: u64,
 }
 
 /// Settings of the drain thread.
@@ -79,11 +82,15 @@ pub struct DrainParams {
     pub topics: Topics,
     /// Producer configuration (for rebuilds).
     pub producer_config: ClientConfig,
+    /// Fraction of `--spool-max-bytes` above which `/readyz` fails.
+    pub readiness_watermark: f64,
 }
 
 /// A record inside librdkafka.
 struct InFlight {
     record: SpoolRecord,
+    /// Its spool segment, acknowledged when Kafka settles it.
+    ticket: Ticket,
     window_cost: u64,
     produced_us: u64,
     seq: u64,
@@ -102,14 +109,14 @@ pub struct Drain {
     ctrl: Receiver<Control>,
     producer: Producer,
     /// Records rescued by an eviction (events) or a producer rebuild; produced first.
-    rescued: VecDeque<SpoolRecord>,
-    /// The spool's memory tier, in arrival order.
-    memory: VecDeque<SpoolRecord>,
+    rescued: VecDeque<(SpoolRecord, Ticket)>,
+    /// Everything else that waits for the window, in arrival order.
+    spool: Spool,
     inflight: Vec<Option<InFlight>>,
     free: Vec<usize>,
     window_records: u64,
     /// Terminal records waiting for their stream's audio to settle, by stream number.
-    parked: HashMap<u64, SpoolRecord>,
+    parked: HashMap<u64, (SpoolRecord, Ticket)>,
     notes: Vec<DeliveryNote>,
     value_buf: Vec<u8>,
     json_buf: Vec<u8>,
@@ -132,6 +139,7 @@ impl Drain {
         rx: Receiver<SpoolRecord>,
         ctrl: Receiver<Control>,
         producer: Producer,
+        spool: Spool,
     ) -> Drain {
         Drain {
             params,
@@ -140,7 +148,7 @@ impl Drain {
             ctrl,
             producer,
             rescued: VecDeque::new(),
-            memory: VecDeque::new(),
+            spool,
             inflight: Vec::new(),
             free: Vec::new(),
             window_records: 0,
@@ -180,6 +188,7 @@ impl Drain {
             let routed = self.route();
             self.replay();
             self.evict();
+            self.spool.maintain(crate::unix_micros());
             self.producer.poll();
             self.settle();
             self.check_recovered();
@@ -188,7 +197,7 @@ impl Drain {
                 if routed == 0 && self.idle() {
                     // One last look: a record sent after `route` emptied the channel.
                     match self.rx.try_recv() {
-                        Ok(r) => self.memory.push_back(r),
+                        Ok(r) => self.enqueue(r),
                         Err(_) => {
                             self.complete(true);
                             return;
@@ -251,16 +260,16 @@ impl Drain {
                 continue;
             }
             match r.kind {
-                Kind::Terminal => self.terminal(r),
+                Kind::Terminal => self.terminal(r, Ticket::MEMORY),
                 // Events never wait for the window: they are small, few, and must not be lost.
                 Kind::Event => {
-                    if let Err(r) = self.produce(r) {
+                    if let Err((r, _)) = self.produce(r, Ticket::MEMORY) {
                         self.enqueue(r);
                     }
                 }
                 Kind::Audio => {
                     if self.window_fits(&r) {
-                        if let Err(r) = self.produce(r) {
+                        if let Err((r, _)) = self.produce(r, Ticket::MEMORY) {
                             self.enqueue(r);
                         }
                     } else {
@@ -277,24 +286,11 @@ impl Drain {
         if let Some(s) = &r.stream {
             s.backlog.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        self.memory.push_back(r);
+        self.spool.push(r);
     }
 
     fn window_fits(&self, r: &SpoolRecord) -> bool {
-        let value = self.value_len(r);
-        let key = r.stream.as_ref().map_or(0, |s| s.key().len());
-        self.shared
-            .budget
-            .window_has_room(window_cost(key, value, r.compact_cost()))
-    }
-
-    fn value_len(&self, r: &SpoolRecord) -> usize {
-        match self.params.topics.kind(r.slot) {
-            Some(TopicKind::Audio {
-                expand_mulaw: true, ..
-            }) if r.kind == Kind::Audio => r.payload.len() * 2,
-            _ => r.payload.len(),
-        }
+        window_fits(&self.shared, &self.params.topics, r)
     }
 
     /// Produces spooled records while the window has room.
@@ -302,39 +298,39 @@ impl Drain {
         loop {
             let from_rescued = !self.rescued.is_empty();
             let next = if from_rescued {
-                self.rescued.front()
+                self.rescued.front().map(|(r, _)| r)
             } else {
-                self.memory.front()
+                self.spool.front(&self.params.topics)
             };
             let Some(r) = next else { return };
-            if r.kind == Kind::Audio && !self.window_fits(r) {
+            if r.kind == Kind::Audio && !window_fits(&self.shared, &self.params.topics, r) {
                 return;
             }
-            let r = if from_rescued {
+            let taken = if from_rescued {
                 self.rescued.pop_front()
             } else {
-                self.memory.pop_front()
+                self.spool.pop(&self.params.topics)
             };
-            let Some(r) = r else { return };
+            let Some((r, ticket)) = taken else { return };
             if let Some(s) = &r.stream {
                 s.backlog.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
             let result = match r.kind {
                 Kind::Terminal => {
-                    self.terminal(r);
+                    self.terminal(r, ticket);
                     Ok(())
                 }
-                _ => self.produce(r),
+                _ => self.produce(r, ticket),
             };
-            if let Err(r) = result {
+            if let Err((r, ticket)) = result {
                 // librdkafka refused for now (queue full, producer failing): put it back.
                 if let Some(s) = &r.stream {
                     s.backlog.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 if from_rescued {
-                    self.rescued.push_front(r);
+                    self.rescued.push_front((r, ticket));
                 } else {
-                    self.memory.push_front(r);
+                    self.spool.push_front(r, ticket);
                 }
                 return;
             }
@@ -353,21 +349,31 @@ impl Drain {
             return;
         }
         let target = budget.queued_limit() / 20 * 19;
-        while budget.queued() > target {
-            let Some(r) = self.memory.pop_front() else {
+        // Bytes to free. Records read back from disk were charged when read, so evicting one
+        // frees its charge like a memory record; the disk space it leaves lets the memory tier
+        // spill (see `Spool::maintain`).
+        let mut excess = budget.queued().saturating_sub(target);
+        while excess > 0 {
+            let Some((r, ticket)) = self.spool.pop(&self.params.topics) else {
                 break;
             };
-            if r.kind != Kind::Audio {
-                // Events are never dropped for budget reasons; they keep their place ahead of
-                // everything younger.
-                self.rescued.push_back(r);
-                continue;
-            }
             if let Some(s) = &r.stream {
                 s.backlog.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
-            budget.credit(r.compact_cost());
+            if r.kind != Kind::Audio {
+                // Events are never dropped for budget reasons; they keep their place ahead of
+                // everything younger.
+                if let Some(s) = &r.stream {
+                    s.backlog.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                self.rescued.push_back((r, ticket));
+                continue;
+            }
+            let cost = r.compact_cost();
+            excess = excess.saturating_sub(cost);
+            budget.credit(cost);
             self.drop_audio(&r, DropReason::Evicted);
+            self.spool.ack(ticket);
         }
     }
 
@@ -389,8 +395,8 @@ impl Drain {
         self.audio_settled(r.stream.as_ref());
     }
 
-    /// One audio record of `stream` is resolved; renders its parked terminal event if it was
-    /// the last.
+    /// One of the records a stream's terminal event waits for (audio, or an event in
+    /// flight) is settled; the last one releases a parked terminal.
     fn audio_settled(&mut self, stream: Option<&Arc<StreamEntry>>) {
         let Some(s) = stream else { return };
         let left = s
@@ -398,27 +404,32 @@ impl Drain {
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
             .saturating_sub(1);
         if left == 0 {
-            if let Some(t) = self.parked.remove(&s.number) {
-                self.render_and_produce(t);
+            if let Some((t, ticket)) = self.parked.remove(&s.number) {
+                self.render_and_produce(t, ticket);
             }
         }
     }
 
     /// A stream's terminal record reached the head of its stream's queue.
-    fn terminal(&mut self, r: SpoolRecord) {
+    fn terminal(&mut self, r: SpoolRecord, ticket: Ticket) {
         let pending = r.stream.as_ref().map_or(0, |s| {
             s.outstanding.load(std::sync::atomic::Ordering::Relaxed)
         });
         if pending == 0 {
-            self.render_and_produce(r);
+            self.render_and_produce(r, ticket);
         } else if let Some(s) = &r.stream {
-            self.parked.insert(s.number, r);
+            self.parked.insert(s.number, (r, ticket));
         }
     }
 
-    fn render_and_produce(&mut self, t: SpoolRecord) {
+    /// Renders a terminal record into its event and produces it. The event carries the
+    /// terminal record's ticket: its segment stays until the event is acknowledged.
+    fn render_and_produce(&mut self, t: SpoolRecord, ticket: Ticket) {
         let Ok(info) = serde_json::from_slice::<TerminalInfo>(&t.payload) else {
-            tracing::error!("unreadable terminal record (bug): dropped");
+            tracing::error!("unreadable terminal record: dropped");
+            self.shared.budget.credit(t.compact_cost());
+            self.shared.metrics.events_dropped.inc();
+            self.spool.ack(ticket);
             return;
         };
         let stream = t.stream.clone();
@@ -441,8 +452,11 @@ impl Drain {
         self.shared.budget.credit(t.compact_cost());
         self.shared.budget.charge(ev.compact_cost());
         self.shared.metrics.events_published[kind].inc();
-        if let Err(ev) = self.produce(ev) {
+        if let Err(ev) = self.produce(ev, ticket) {
             // The producer refused it for now: it waits at the head, ahead of younger records.
+            if let Some(s) = &ev.0.stream {
+                s.backlog.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             self.rescued.push_front(ev);
         }
     }
@@ -472,12 +486,15 @@ impl Drain {
 
     /// Hands one record to librdkafka. `Err` gives it back when librdkafka cannot take it now
     /// (queue full, fatal state); records it can never take are dropped and counted here.
-    fn produce(&mut self, r: SpoolRecord) -> Result<(), SpoolRecord> {
+    fn produce(&mut self, r: SpoolRecord, ticket: Ticket) -> Result<(), (SpoolRecord, Ticket)> {
         let Some(spec) = self.params.topics.get(r.slot) else {
-            tracing::error!(
-                slot = r.slot,
-                "record for an unknown topic slot (bug): dropped"
-            );
+            // Recovered from the spool for a topic this configuration no longer has.
+            self.shared.budget.credit(r.compact_cost());
+            match r.kind {
+                Kind::Audio => self.drop_audio(&r, DropReason::Unroutable),
+                _ => self.shared.metrics.events_dropped.inc(),
+            }
+            self.spool.ack(ticket);
             return Ok(());
         };
         let compact = r.compact_cost();
@@ -511,11 +528,20 @@ impl Drain {
             .produce(r.slot as usize, key, value, headers, slot_index + 1)
         {
             Ok(()) => {
+                if r.kind == Kind::Event {
+                    // The terminal event also waits for its stream's events (its replay index
+                    // covers the events topic too); audio is counted when it is accepted.
+                    if let Some(s) = &r.stream {
+                        s.outstanding
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
                 self.produce_seq += 1;
                 self.shared.budget.to_window(compact, cost);
                 self.window_records += 1;
                 self.inflight[slot_index] = Some(InFlight {
                     record: r,
+                    ticket,
                     window_cost: cost,
                     produced_us: crate::mono_micros(),
                     seq: self.produce_seq,
@@ -525,9 +551,10 @@ impl Drain {
             Err(ProduceError(code)) => {
                 self.free.push(slot_index);
                 match code {
-                    RDKafkaErrorCode::QueueFull | RDKafkaErrorCode::Fatal => Err(r),
+                    RDKafkaErrorCode::QueueFull | RDKafkaErrorCode::Fatal => Err((r, ticket)),
                     other => {
                         self.refused(r, other);
+                        self.spool.ack(ticket);
                         Ok(())
                     }
                 }
@@ -576,8 +603,16 @@ impl Drain {
                     self.shared.budget.charge(f.record.compact_cost());
                     self.rebuilding.push(f);
                 }
-                Ok((partition, offset)) => self.delivered(f, partition, offset),
-                Err(code) => self.failed(f, code),
+                Ok((partition, offset)) => {
+                    let ticket = f.ticket;
+                    self.delivered(f, partition, offset);
+                    self.spool.ack(ticket);
+                }
+                Err(code) => {
+                    let ticket = f.ticket;
+                    self.failed(f, code);
+                    self.spool.ack(ticket);
+                }
             }
         }
         self.notes = notes;
@@ -617,7 +652,12 @@ impl Drain {
                 let stream = r.stream.clone();
                 self.audio_settled(stream.as_ref());
             }
-            _ => m.events_delivered.inc(),
+            Kind::Event => {
+                m.events_delivered.inc();
+                let stream = r.stream.clone();
+                self.audio_settled(stream.as_ref());
+            }
+            Kind::Terminal => m.events_delivered.inc(),
         }
     }
 
@@ -650,7 +690,12 @@ impl Drain {
                 let stream = r.stream.clone();
                 self.audio_settled(stream.as_ref());
             }
-            _ => self.shared.metrics.events_failed.inc(),
+            Kind::Event => {
+                self.shared.metrics.events_failed.inc();
+                let stream = r.stream.clone();
+                self.audio_settled(stream.as_ref());
+            }
+            Kind::Terminal => self.shared.metrics.events_failed.inc(),
         }
     }
 
@@ -715,7 +760,7 @@ impl Drain {
             if let Some(s) = &f.record.stream {
                 s.backlog.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            self.rescued.push_front(f.record);
+            self.rescued.push_front((f.record, f.ticket));
         }
         m.kafka_producer_rebuilds.inc();
         // Readiness stays failed until the new producer proves itself (see `check_recovered`).
@@ -747,14 +792,16 @@ impl Drain {
 
     /// Nothing queued, in flight or parked.
     fn idle(&self) -> bool {
-        self.memory.is_empty()
+        self.spool.is_empty()
             && self.rescued.is_empty()
             && self.window_records == 0
             && self.parked.is_empty()
     }
 
-    /// Ends the thread: whatever is still queued or unacknowledged is counted as
-    /// `shutdown_timeout` (audio) or dropped events, and the report goes back.
+    /// Ends the thread. In time: everything was settled. Late: what librdkafka still holds
+    /// is purged; with `--spool-dir` every unsettled record is written to the spool for the
+    /// next process (in order, see [`Spool::persist`]); without one, or when the disk has no
+    /// room, it is counted as `shutdown_timeout` (audio) or a dropped event.
     fn complete(&mut self, in_time: bool) {
         let mut report = FinishReport {
             complete: in_time,
@@ -763,38 +810,54 @@ impl Drain {
         if !in_time {
             // Late arrivals too: nothing is silently lost.
             while let Ok(r) = self.rx.try_recv() {
-                self.memory.push_back(r);
-            }
-            let queued: Vec<SpoolRecord> = self
-                .rescued
-                .drain(..)
-                .chain(self.memory.drain(..))
-                .collect();
-            for r in queued {
-                self.shared.budget.credit(r.compact_cost());
-                self.abandon(r, &mut report);
+                self.enqueue(r);
             }
             // Purge what librdkafka holds; its reports come back as failures set aside here.
             self.in_rebuild = true;
             self.producer.purge();
             self.settle();
             self.in_rebuild = false;
-            let held: Vec<InFlight> = self
-                .rebuilding
-                .drain(..)
-                .chain(self.inflight.iter_mut().filter_map(Option::take))
+            // Reported ones were moved back to the queued account by `settle`; the rest here.
+            let mut held: Vec<InFlight> = self.rebuilding.drain(..).collect();
+            for f in self.inflight.iter_mut().filter_map(Option::take) {
+                self.shared.budget.window_done(f.window_cost);
+                self.shared.budget.charge(f.record.compact_cost());
+                held.push(f);
+            }
+            held.sort_by_key(|f| f.seq);
+            self.window_records = 0;
+            let mut front = Vec::with_capacity(held.len() + self.rescued.len());
+            front.extend(held.into_iter().map(|f| f.record));
+            front.extend(self.rescued.drain(..).map(|(r, _)| r));
+            let parked: Vec<SpoolRecord> = std::mem::take(&mut self.parked)
+                .into_values()
+                .map(|(r, _)| r)
                 .collect();
-            for f in held {
-                self.abandon(f.record, &mut report);
+            let queued =
+                front.len() as u64 + parked.len() as u64 + self.spool.memory_records() as u64;
+            let left = self.spool.persist(front, parked);
+            report.spooled_records = if self.spool.has_disk() {
+                queued.saturating_sub(left.len() as u64)
+            } else {
+                0
+            };
+            for r in left {
+                self.shared.budget.credit(r.compact_cost());
+                self.abandon(r, &mut report);
             }
-            for (_, t) in std::mem::take(&mut self.parked) {
-                self.abandon(t, &mut report);
+            if report.spooled_records > 0 {
+                tracing::warn!(
+                    records = report.spooled_records,
+                    "final flush timed out: unacknowledged records written to the spool directory for the next start"
+                );
             }
-            tracing::error!(
-                frames = report.abandoned_frames,
-                events = report.abandoned_events,
-                "final flush timed out: records not acknowledged by Kafka"
-            );
+            if report.abandoned_frames + report.abandoned_events > 0 {
+                tracing::error!(
+                    frames = report.abandoned_frames,
+                    events = report.abandoned_events,
+                    "final flush timed out: records not acknowledged by Kafka"
+                );
+            }
         }
         if let Some((_, reply)) = self.finish.take() {
             let _ = reply.send(report);
@@ -829,7 +892,25 @@ impl Drain {
         self.shared.budget.publish_gauge();
         m.kafka_window_records.set(self.window_records as i64);
         m.kafka_window_bytes.set(self.shared.budget.window() as i64);
+        self.shared.spool_over_watermark.store(
+            self.spool.over_watermark(self.params.readiness_watermark),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
+}
+
+/// Whether `r` fits in the window now.
+fn window_fits(shared: &Shared, topics: &Topics, r: &SpoolRecord) -> bool {
+    let value = match topics.kind(r.slot) {
+        Some(TopicKind::Audio {
+            expand_mulaw: true, ..
+        }) if r.kind == Kind::Audio => r.payload.len() * 2,
+        _ => r.payload.len(),
+    };
+    let key = r.stream.as_ref().map_or(0, |s| s.key().len());
+    shared
+        .budget
+        .window_has_room(window_cost(key, value, r.compact_cost()))
 }
 
 /// The final counts of a stream.
@@ -839,6 +920,7 @@ fn counts_of(s: &StreamEntry) -> TerminalCounts {
         frames_received: s.frames_received.load(Relaxed),
         frames_published: s.frames_accepted.load(Relaxed),
         frames_delivered: s.frames_delivered.load(Relaxed),
+        recovered: s.recovered,
         drops: DropReason::ALL
             .iter()
             .map(|r| (r.as_str(), s.dropped(*r)))

@@ -25,6 +25,7 @@ pub mod probe;
 pub mod producer;
 pub mod publisher;
 pub mod record;
+pub mod spool;
 pub mod stream;
 pub mod topics;
 
@@ -78,6 +79,9 @@ pub enum SinkError {
     /// The drain thread is gone (after shutdown).
     #[error("the kafka drain thread has stopped")]
     Stopped,
+    /// The spool directory cannot be used.
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
 }
 
 /// What goes into the value of a default-profile audio record.
@@ -273,8 +277,10 @@ pub struct SinkConfig {
     pub topic_replication: i32,
     /// Longest sleep of the drain thread between iterations.
     pub drain_interval: Duration,
-    /// Fraction of the budget above which `/readyz` fails.
+    /// Fraction of the budget (and of `--spool-max-bytes`) above which `/readyz` fails.
     pub readiness_watermark: f64,
+    /// The spool (`--spool-*`).
+    pub spool: spool::SpoolConfig,
 }
 
 /// Largest window librdkafka's queue limits can describe (`queue.buffering.max.kbytes` is
@@ -298,6 +304,7 @@ impl SinkConfig {
             topic_replication: 1,
             drain_interval: Duration::from_millis(1),
             readiness_watermark: 0.8,
+            spool: spool::SpoolConfig::memory_only(),
         }
     }
 
@@ -342,7 +349,7 @@ impl SinkConfig {
 /// State shared by the sink handles and the drain thread.
 pub struct Shared {
     /// The in-flight budget.
-    pub budget: Budget,
+    pub budget: Arc<Budget>,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
     /// Kafka settings (for redaction in logs).
@@ -359,6 +366,8 @@ pub struct Shared {
     pub producer_healthy: AtomicBool,
     /// Result of the last broker probe.
     pub brokers_reachable: AtomicBool,
+    /// The spool's disk tier is above the readiness watermark (set by the drain thread).
+    pub spool_over_watermark: AtomicBool,
     next_stream: AtomicU64,
     ingress: Sender<SpoolRecord>,
     control: Mutex<Sender<Control>>,
@@ -393,6 +402,7 @@ impl Sink {
             metrics.inflight_bytes.clone(),
         );
         budget.set_watermark(cfg.readiness_watermark);
+        let budget = Arc::new(budget);
         metrics
             .inflight_budget_bytes
             .set(cfg.max_inflight_bytes as i64);
@@ -410,11 +420,18 @@ impl Sink {
             topics: topics.clone(),
             producer_healthy: AtomicBool::new(true),
             brokers_reachable: AtomicBool::new(false),
+            spool_over_watermark: AtomicBool::new(false),
             next_stream: AtomicU64::new(1),
             ingress: tx,
             control: Mutex::new(ctx),
             thread: Mutex::new(None),
         });
+        let spool = spool::Spool::open(
+            cfg.spool.clone(),
+            &shared.topics,
+            shared.budget.clone(),
+            shared.metrics.clone(),
+        )?;
         let drain = Drain::new(
             DrainParams {
                 tick: cfg.drain_interval,
@@ -423,11 +440,13 @@ impl Sink {
                 frames_per_record: cfg.frames_per_record,
                 topics,
                 producer_config,
+                readiness_watermark: cfg.readiness_watermark,
             },
             shared.clone(),
             rx,
             crx,
             producer,
+            spool,
         );
         let handle = std::thread::Builder::new()
             .name("kafka-drain".into())
@@ -476,14 +495,16 @@ impl Sink {
     /// StreamSid. Charged to the budget but never refused for it.
     pub fn publish_status(&self, fields: &StatusFields<'_>) -> Result<(), SinkError> {
         let json = status_json(fields, &self.shared.gateway_id, crate::unix_micros());
-        // A stand-alone entry: the key, no accounting.
+        // A stand-alone entry: the key, no accounting (its own number: the spool tells
+        // streams apart by number).
+        let number = self.shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(StreamEntry::new(
             StreamIds {
                 stream_sid: fields.stream_sid.to_owned(),
                 call_sid: fields.call_sid.unwrap_or("").to_owned(),
                 account_sid: fields.account_sid.unwrap_or("").to_owned(),
             },
-            0,
+            number,
             0,
         ));
         let r = SpoolRecord::event(Some(entry), EventType::Status, &json, crate::unix_micros());
@@ -589,9 +610,10 @@ impl Sink {
         self.shared.producer_healthy.load(Ordering::SeqCst)
     }
 
-    /// True while the budget is above the readiness watermark.
+    /// True while the budget, or the spool's disk tier, is above the readiness watermark.
     pub fn over_watermark(&self) -> bool {
         self.shared.budget.over_watermark()
+            || self.shared.spool_over_watermark.load(Ordering::Relaxed)
     }
 
     /// The final flush: the drain thread produces everything still queued and waits for

@@ -79,6 +79,8 @@ pub struct StreamEntry {
     pub playback_dropped: AtomicU64,
     /// Replay index per topic slot.
     pub index: Vec<TopicIndex>,
+    /// Recovered from the spool after a restart (its terminal event says so).
+    pub recovered: bool,
 }
 
 impl StreamEntry {
@@ -97,6 +99,22 @@ impl StreamEntry {
             playback_delivered: AtomicU64::new(0),
             playback_dropped: AtomicU64::new(0),
             index: (0..slots).map(|_| TopicIndex::default()).collect(),
+            recovered: false,
+        }
+    }
+
+    /// An entry for a stream an earlier process spooled (see [`super::spool`]).
+    pub fn recovered(ids: StreamIds, number: u64, slots: usize) -> StreamEntry {
+        StreamEntry {
+            recovered: true,
+            ..StreamEntry::new(ids, number, slots)
+        }
+    }
+
+    /// Sets the chunks dropped for `reason` (restoring a spooled snapshot).
+    pub fn restore_dropped(&self, reason: usize, n: u64) {
+        if let Some(d) = self.dropped.get(reason) {
+            d.store(n, Ordering::Relaxed);
         }
     }
 

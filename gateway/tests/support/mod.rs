@@ -575,3 +575,57 @@ pub fn topics(gw: &Gateway) -> [String; 3] {
         format!("{}.events", gw.prefix),
     ]
 }
+
+/// Streams one call in real time for `secs`: inbound chunks (and outbound ones on the same
+/// ticks when `both`), chunk `k` (1-based) carrying the speech fixture at `(k-1)·160` (wrapped),
+/// then `stop` and a close. Returns chunks sent per track. See [`chunk_audio`].
+pub async fn realtime_call(
+    port: u16,
+    stream_sid: String,
+    account: &str,
+    secs: u64,
+    audio: std::sync::Arc<Vec<u8>>,
+    both: bool,
+) -> u64 {
+    let mut c = connect_path(port, "/stream").await.expect("connect");
+    let call = stream_sid.replace("MZ", "CA");
+    let tracks: &[&str] = if both {
+        &["inbound", "outbound"]
+    } else {
+        &["inbound"]
+    };
+    c.send(&connected()).await;
+    c.send(&start(&stream_sid, &call, account, tracks, &[]))
+        .await;
+    let chunks = secs * 50;
+    let mut next = tokio::time::Instant::now();
+    let mut seq = 2;
+    for k in 0..chunks {
+        for t in tracks {
+            let msg = media(
+                &stream_sid,
+                seq,
+                t,
+                k + 1,
+                k * 20,
+                chunk_audio(&audio, k + 1),
+            );
+            seq += 1;
+            c.ws.write_frame(Frame::text(Payload::Owned(msg.into_bytes())))
+                .await
+                .expect("send");
+        }
+        next += Duration::from_millis(20);
+        tokio::time::sleep_until(next).await;
+    }
+    c.send(&stop(&stream_sid, seq, account, &call)).await;
+    c.close().await;
+    let _ = c.read_close(Duration::from_secs(5)).await;
+    chunks
+}
+
+/// The μ-law payload [`realtime_call`] sends as chunk `chunk` (1-based).
+pub fn chunk_audio(audio: &[u8], chunk: u64) -> &[u8] {
+    let off = ((chunk - 1) as usize * 160) % (audio.len() - 160);
+    &audio[off..off + 160]
+}

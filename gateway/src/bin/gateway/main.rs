@@ -44,6 +44,12 @@ enum Command {
     PrintConfig,
     /// Consume the gateway's topics and write one WAV per stream and track.
     Tap(tap::TapArgs),
+    /// List what a spool directory holds (what a restart would replay), one JSON object per
+    /// record, then per segment, without changing it.
+    SpoolInspect {
+        /// The `--spool-dir` to read.
+        dir: std::path::PathBuf,
+    },
 }
 
 fn init_tracing(cfg: &Config) {
@@ -100,6 +106,44 @@ async fn handle_signals(shutdown: Arc<Shutdown>) {
     }
 }
 
+/// `gateway spool-inspect DIR`: records, then segments, then a summary line, as JSON lines
+/// on stdout. Exit 1 when the directory cannot be read.
+fn spool_inspect(dir: &std::path::Path) -> ExitCode {
+    use std::io::Write;
+    let found = match gateway::sink::spool::inspect::inspect(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("gateway spool-inspect: {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for r in &found.records {
+        let _ = serde_json::to_writer(&mut out, &serde_json::json!({ "record": r }));
+        let _ = out.write_all(b"\n");
+    }
+    for s in &found.segments {
+        let _ = serde_json::to_writer(&mut out, &serde_json::json!({ "segment": s }));
+        let _ = out.write_all(b"\n");
+    }
+    let corrupt = found
+        .segments
+        .iter()
+        .filter(|s| s.corrupt.is_some())
+        .count();
+    let _ = serde_json::to_writer(
+        &mut out,
+        &serde_json::json!({ "summary": {
+            "segments": found.segments.len(),
+            "corrupt_segments": corrupt,
+            "records": found.records.len(),
+            "other_files": found.other_files,
+        }}),
+    );
+    let _ = out.write_all(b"\n");
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -118,6 +162,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Some(Command::SpoolInspect { dir }) = &cli.command {
+        return spool_inspect(dir);
     }
     let cfg = match Config::from_args(cli.run) {
         Ok(c) => c,
