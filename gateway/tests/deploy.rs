@@ -1104,6 +1104,56 @@ fn every_alert_has_a_unit_test_and_a_runbook_section() {
     assert!(names.len() >= 16, "{names:?}");
 }
 
+/// Every file under `dir`, recursively, relative to the workspace root.
+fn files_under(dir: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![root().join(dir)];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(root()).unwrap();
+                out.push(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn deploy_references_to_the_operations_guide_name_its_sections() {
+    let headings: BTreeSet<String> = read("docs/operations.md")
+        .lines()
+        .filter_map(|l| l.strip_prefix("### ").or_else(|| l.strip_prefix("## ")))
+        .map(|h| h.trim().to_owned())
+        .collect();
+    let re = regex::Regex::new(r#"docs/operations\.md, "([^"]+)""#).unwrap();
+    let mut found = 0;
+    let mut broken = Vec::new();
+    for f in files_under("deploy") {
+        let Ok(text) = std::fs::read_to_string(root().join(&f)) else {
+            continue; // not text
+        };
+        for c in re.captures_iter(&text) {
+            found += 1;
+            if !headings.contains(&c[1]) {
+                broken.push(format!("{f}: \"{}\"", &c[1]));
+            }
+        }
+    }
+    assert!(
+        found >= 8,
+        "only {found} section references found in deploy/"
+    );
+    assert!(
+        broken.is_empty(),
+        "sections docs/operations.md does not have: {broken:#?}\nheadings: {headings:#?}"
+    );
+}
+
 /// Metric names in PromQL: `gateway_*` and `process_*`.
 fn metric_names(exprs: &[String]) -> BTreeSet<String> {
     let re = regex::Regex::new(r"\b(?:gateway|process)_[a-z_]+").unwrap();
