@@ -1,20 +1,23 @@
 //! deploy/ and `gateway tap`, checked with real tools: kubernetes-validate (offline schemas),
-//! promtool, a real Prometheus scraping a real gateway under load, and the tap binary reading
-//! back what the gateway published to a real broker.
+//! promtool, a real Prometheus scraping a real gateway under load, the gateway's own
+//! `print-config` fed the manifests' environment, and the tap binary reading back what the
+//! gateway published to a real broker.
 //!
 //! Tools come from `scripts/setup-deploy-tools.sh` (Debian `prometheus`, PyPI
 //! `kubernetes-validate` in `.cache/deploy-venv`). Docker and a Kubernetes cluster are not
-//! available here: the Dockerfile and compose file are checked for consistency, not built or run.
+//! available here: the Dockerfile and compose file are checked for consistency, not built or
+//! run, and the manifests are validated and cross-checked, not applied.
 
 mod support;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use support::*;
 
 /// Kubernetes version whose schemas kubernetes-validate ships and the manifests target.
@@ -33,6 +36,22 @@ const SCHEMA_EXCEPTIONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Example manifests in deploy/k8s (placeholder values): validated against the schemas like the
+/// others, but never kustomization resources, so `kubectl apply -k` cannot apply placeholders.
+const EXAMPLE_SUFFIX: &str = ".example.yaml";
+
+/// `GATEWAY_*` variables the deployment sets for a feature whose flags are final but which is
+/// not in every build yet (the disk spool). Until `gateway --help` lists them they may be
+/// unknown; once it does, they are checked like every other name.
+const PENDING_ENV: &[&str] = &[
+    "GATEWAY_SPOOL_DIR",
+    "GATEWAY_SPOOL_MAX_BYTES",
+    "GATEWAY_SPOOL_FSYNC",
+];
+
+/// The close grace between the drain timeout and the final flush (docs/decisions.md, 21).
+const CLOSE_GRACE_SECS: u64 = 10;
+
 fn root() -> PathBuf {
     workspace_root()
 }
@@ -43,6 +62,18 @@ fn read(rel: &str) -> String {
 
 fn yaml(rel: &str) -> serde_yaml::Value {
     serde_yaml::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel}: invalid YAML: {e}"))
+}
+
+fn k8s(file: &str) -> serde_yaml::Value {
+    yaml(&format!("deploy/k8s/{file}"))
+}
+
+/// Every document of a multi-document YAML stream.
+fn yaml_docs(text: &str) -> Vec<serde_yaml::Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("YAML document"))
+        .filter(|v| !v.is_null())
+        .collect()
 }
 
 /// Runs scripts/setup-deploy-tools.sh once per test binary; returns the venv's bin directory.
@@ -90,8 +121,167 @@ fn s<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> &'a str {
         .unwrap_or_else(|| panic!("{path:?} is not a string"))
 }
 
+fn seq<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> &'a [serde_yaml::Value] {
+    get(v, path)
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{path:?} is not a sequence"))
+}
+
+fn u64_at(v: &serde_yaml::Value, path: &[&str]) -> u64 {
+    get(v, path)
+        .as_u64()
+        .unwrap_or_else(|| panic!("{path:?} is not an unsigned integer"))
+}
+
+/// Whether every `key: value` of `selector` (a label map) is among `labels`.
+fn selects(selector: &serde_yaml::Value, labels: &serde_yaml::Value) -> bool {
+    selector
+        .as_mapping()
+        .expect("label selector map")
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn duration_secs(s: &str) -> u64 {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().unwrap();
+    match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        other => panic!("unit {other}"),
+    }
+}
+
+/// A Kubernetes quantity in bytes (`10Gi`, `512Mi`, `8G`, `1000`).
+fn quantity_bytes(q: &str) -> u64 {
+    let (n, unit) = q.split_at(q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len()));
+    let n: u64 = n.parse().unwrap_or_else(|_| panic!("quantity {q}"));
+    let mult: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        other => panic!("quantity unit {other} in {q}"),
+    };
+    n * mult
+}
+
+/// Every `GATEWAY_*` name written in `text` (comments included: a commented example with a
+/// typo would mislead whoever uncomments it).
+fn gateway_env_names(text: &str) -> BTreeSet<String> {
+    let re = regex::Regex::new(r"\bGATEWAY_[A-Z0-9_]*[A-Z0-9]\b").unwrap();
+    re.find_iter(text).map(|m| m.as_str().to_owned()).collect()
+}
+
+/// The `GATEWAY_*` names the gateway binary knows (its `--help` lists each flag's variable,
+/// and `GATEWAY_KAFKA_OPTIONS` in the text).
+fn known_env_names() -> BTreeSet<String> {
+    let out = run_ok(Command::new(env!("CARGO_BIN_EXE_gateway")).arg("--help"));
+    gateway_env_names(&String::from_utf8_lossy(&out.stdout))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kubernetes
+
+fn statefulset() -> serde_yaml::Value {
+    let sts = k8s("statefulset.yaml");
+    assert_eq!(s(&sts, &["apiVersion"]), "apps/v1");
+    assert_eq!(s(&sts, &["kind"]), "StatefulSet");
+    sts
+}
+
+fn pod_spec(sts: &serde_yaml::Value) -> &serde_yaml::Value {
+    get(sts, &["spec", "template", "spec"])
+}
+
+/// The gateway container.
+fn gateway_container(sts: &serde_yaml::Value) -> &serde_yaml::Value {
+    let containers = seq(pod_spec(sts), &["containers"]);
+    assert_eq!(containers.len(), 1, "one container per pod");
+    assert_eq!(s(&containers[0], &["name"]), "gateway");
+    &containers[0]
+}
+
+/// Where a pod's environment variable comes from.
+#[derive(Debug, Clone, PartialEq)]
+enum EnvValue {
+    Literal(String),
+    /// `valueFrom.fieldRef.fieldPath`.
+    Field(String),
+    /// `valueFrom.secretKeyRef`: (Secret, key, optional).
+    Secret(String, String, bool),
+}
+
+/// The gateway container's environment as the kubelet builds it: the ConfigMap of `envFrom`
+/// (configmap.yaml) overridden by the container's own `env`.
+fn pod_env(sts: &serde_yaml::Value) -> BTreeMap<String, EnvValue> {
+    let c = gateway_container(sts);
+    let cm = k8s("configmap.yaml");
+    let env_from = seq(c, &["envFrom"]);
+    assert_eq!(env_from.len(), 1);
+    assert_eq!(
+        s(&env_from[0], &["configMapRef", "name"]),
+        s(&cm, &["metadata", "name"]),
+        "envFrom names the ConfigMap of configmap.yaml"
+    );
+    let mut env: BTreeMap<String, EnvValue> = get(&cm, &["data"])
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .as_str()
+                .unwrap_or_else(|| panic!("ConfigMap value of {k:?} is not a string"));
+            (
+                k.as_str().unwrap().to_owned(),
+                EnvValue::Literal(v.to_owned()),
+            )
+        })
+        .collect();
+    for e in seq(c, &["env"]) {
+        let name = s(e, &["name"]).to_owned();
+        let value = if let Some(v) = e.get("value") {
+            EnvValue::Literal(v.as_str().expect("env value is a string").to_owned())
+        } else if let Some(f) = e.get("valueFrom").and_then(|v| v.get("fieldRef")) {
+            EnvValue::Field(s(f, &["fieldPath"]).to_owned())
+        } else if let Some(r) = e.get("valueFrom").and_then(|v| v.get("secretKeyRef")) {
+            EnvValue::Secret(
+                s(r, &["name"]).to_owned(),
+                s(r, &["key"]).to_owned(),
+                r.get("optional").and_then(|o| o.as_bool()).unwrap_or(false),
+            )
+        } else {
+            panic!("env {name}: unsupported source {e:?}");
+        };
+        env.insert(name, value);
+    }
+    env
+}
+
+fn literal<'a>(env: &'a BTreeMap<String, EnvValue>, name: &str) -> &'a str {
+    match env.get(name) {
+        Some(EnvValue::Literal(v)) => v,
+        other => panic!("{name} must be set to a literal in the pod environment, is {other:?}"),
+    }
+}
+
+/// The `# GATEWAY_X: "value"` examples commented out in configmap.yaml.
+fn commented_examples() -> BTreeMap<String, String> {
+    let re = regex::Regex::new(r#"(?m)^\s*#\s*(GATEWAY_[A-Z0-9_]+):\s*"([^"]*)"\s*$"#).unwrap();
+    re.captures_iter(&read("deploy/k8s/configmap.yaml"))
+        .map(|c| (c[1].to_owned(), c[2].to_owned()))
+        .collect()
+}
+
+/// The example Secret for the Kafka client settings (kafka-credentials.example.yaml).
+fn kafka_secret_example() -> serde_yaml::Value {
+    k8s(&format!("kafka-credentials{EXAMPLE_SUFFIX}"))
+}
 
 #[test]
 fn k8s_manifests_validate_against_offline_schemas() {
@@ -108,7 +298,7 @@ fn k8s_manifests_validate_against_offline_schemas() {
         .iter()
         .filter(|f| !exceptions.contains(&f.as_str()))
         .collect();
-    assert!(validated.len() >= 7, "too few manifests: {validated:?}");
+    assert!(validated.len() >= 9, "too few manifests: {validated:?}");
     let mut cmd = Command::new(bin.join("kubernetes-validate"));
     cmd.args(["-k", K8S_VERSION, "--strict"])
         .args(validated.iter().map(|f| dir.join(f)));
@@ -127,125 +317,610 @@ fn k8s_manifests_validate_against_offline_schemas() {
         );
     }
 
-    // Exception 1: the kustomization lists exactly the other files.
-    let k = yaml("deploy/k8s/kustomization.yaml");
+    // Exception 1: the kustomization lists exactly the other files, examples excepted.
+    let k = k8s("kustomization.yaml");
     assert_eq!(s(&k, &["kind"]), "Kustomization");
-    let listed: BTreeSet<String> = get(&k, &["resources"])
-        .as_sequence()
-        .unwrap()
+    let listed: BTreeSet<String> = seq(&k, &["resources"])
         .iter()
         .map(|r| r.as_str().unwrap().to_owned())
         .collect();
     let present: BTreeSet<String> = files
         .iter()
-        .filter(|f| f.as_str() != "kustomization.yaml")
+        .filter(|f| f.as_str() != "kustomization.yaml" && !f.ends_with(EXAMPLE_SUFFIX))
         .cloned()
         .collect();
     assert_eq!(
         listed, present,
         "kustomization resources vs deploy/k8s files"
     );
+    assert!(
+        files.iter().any(|f| f.ends_with(EXAMPLE_SUFFIX)),
+        "the example Secret is missing"
+    );
 
-    // Exception 2: the ServiceMonitor is well-formed and scrapes the Service's admin port.
-    let sm = yaml("deploy/k8s/servicemonitor.yaml");
+    // Exception 2: the ServiceMonitor is well-formed and scrapes the admin port of exactly one
+    // Service (the client-facing one, not the headless one: each pod scraped once).
+    let sm = k8s("servicemonitor.yaml");
     assert_eq!(s(&sm, &["apiVersion"]), "monitoring.coreos.com/v1");
     assert_eq!(s(&sm, &["kind"]), "ServiceMonitor");
-    let ep = &get(&sm, &["spec", "endpoints"]).as_sequence().unwrap()[0];
+    let ep = &seq(&sm, &["spec", "endpoints"])[0];
     assert_eq!(s(ep, &["port"]), "admin");
     assert_eq!(s(ep, &["path"]), "/metrics");
-    let svc = yaml("deploy/k8s/service.yaml");
-    let svc_labels = get(&svc, &["metadata", "labels"]);
-    for (k, v) in get(&sm, &["spec", "selector", "matchLabels"])
-        .as_mapping()
-        .unwrap()
-    {
-        assert_eq!(
-            svc_labels.get(k),
-            Some(v),
-            "ServiceMonitor selector vs Service"
-        );
-    }
-    let ports: Vec<(String, u64)> = get(&svc, &["spec", "ports"])
-        .as_sequence()
-        .unwrap()
+    let services: Vec<serde_yaml::Value> = files
         .iter()
-        .map(|p| {
-            (
-                s(p, &["name"]).to_owned(),
-                get(p, &["port"]).as_u64().unwrap(),
+        .map(|f| k8s(f))
+        .filter(|v| v.get("kind").and_then(|k| k.as_str()) == Some("Service"))
+        .collect();
+    assert_eq!(services.len(), 2, "client-facing and headless Services");
+    let scraped: Vec<&serde_yaml::Value> = services
+        .iter()
+        .filter(|svc| {
+            selects(
+                get(&sm, &["spec", "selector", "matchLabels"]),
+                get(svc, &["metadata", "labels"]),
             )
         })
         .collect();
+    assert_eq!(
+        scraped.len(),
+        1,
+        "ServiceMonitor must select exactly one Service"
+    );
+    let svc = scraped[0];
+    assert_eq!(s(svc, &["metadata", "name"]), "gateway");
+    assert!(
+        svc["spec"].get("clusterIP").is_none(),
+        "not the headless one"
+    );
+    let ports: Vec<(String, u64)> = seq(svc, &["spec", "ports"])
+        .iter()
+        .map(|p| (s(p, &["name"]).to_owned(), u64_at(p, &["port"])))
+        .collect();
     assert!(ports.contains(&("admin".into(), 9090)), "{ports:?}");
     assert!(ports.contains(&("stream".into(), 8080)), "{ports:?}");
+    // The Ingress sends Twilio to that Service's stream port.
+    let ing = k8s("ingress.yaml");
+    let backend = get(
+        &seq(&seq(&ing, &["spec", "rules"])[0], &["http", "paths"])[0],
+        &["backend", "service"],
+    );
+    assert_eq!(s(backend, &["name"]), "gateway");
+    assert_eq!(s(backend, &["port", "name"]), "stream");
 
-    // Offline render with kustomize when kubectl happens to be installed (not required).
+    // Offline render with kustomize when kubectl happens to be installed (not required): it
+    // builds, everything lands in the namespace, and no Secret (placeholders) is in it.
     if Command::new("kubectl")
         .arg("version")
         .arg("--client")
         .output()
         .is_ok_and(|o| o.status.success())
     {
-        run_ok(Command::new("kubectl").arg("kustomize").arg(&dir));
+        let out = run_ok(Command::new("kubectl").arg("kustomize").arg(&dir));
+        let docs = yaml_docs(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(docs.len(), listed.len(), "one object per resource file");
+        for d in &docs {
+            let kind = s(d, &["kind"]);
+            assert_ne!(
+                kind, "Secret",
+                "kustomize output must not carry placeholder Secrets"
+            );
+            if kind != "Namespace" {
+                assert_eq!(s(d, &["metadata", "namespace"]), "twilio-gateway", "{kind}");
+            }
+        }
     } else {
         eprintln!("kubectl not installed: `kubectl kustomize deploy/k8s` not checked");
     }
 }
 
-fn duration_secs(s: &str) -> u64 {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n.parse().unwrap();
-    match unit {
-        "s" | "" => n,
-        "m" => n * 60,
-        other => panic!("unit {other}"),
-    }
-}
-
 #[test]
-fn k8s_deployment_drains_within_its_grace_period_and_probes_the_admin_port() {
-    let d = yaml("deploy/k8s/deployment.yaml");
-    let cm = yaml("deploy/k8s/configmap.yaml");
-    let pod = get(&d, &["spec", "template", "spec"]);
-    let c = &get(pod, &["containers"]).as_sequence().unwrap()[0];
+fn k8s_statefulset_drains_within_its_grace_period_and_probes_the_admin_port() {
+    let sts = statefulset();
+    let pod = pod_spec(&sts);
+    let c = gateway_container(&sts);
+    let env = pod_env(&sts);
     assert_eq!(s(c, &["readinessProbe", "httpGet", "path"]), "/readyz");
     assert_eq!(s(c, &["livenessProbe", "httpGet", "path"]), "/healthz");
     assert_eq!(s(c, &["readinessProbe", "httpGet", "port"]), "admin");
-    let admin = get(c, &["ports"])
-        .as_sequence()
-        .unwrap()
+    assert_eq!(s(c, &["livenessProbe", "httpGet", "port"]), "admin");
+    let admin = seq(c, &["ports"])
         .iter()
         .find(|p| s(p, &["name"]) == "admin")
         .expect("admin port");
-    assert_eq!(get(admin, &["containerPort"]).as_u64(), Some(9090));
-    let pre_stop: u64 = get(c, &["lifecycle", "preStop", "exec", "command"])
-        .as_sequence()
-        .unwrap()[1]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let drain = duration_secs(s(&cm, &["data", "GATEWAY_DRAIN_TIMEOUT"]));
-    let flush = duration_secs(s(&cm, &["data", "GATEWAY_FLUSH_TIMEOUT"]));
-    let grace = get(pod, &["terminationGracePeriodSeconds"])
-        .as_u64()
-        .unwrap();
-    // preStop + drain + close grace (10 s) + the final flush.
+    assert_eq!(u64_at(admin, &["containerPort"]), 9090);
+    assert_eq!(literal(&env, "GATEWAY_ADMIN_LISTEN"), "0.0.0.0:9090");
+    let stream = seq(c, &["ports"])
+        .iter()
+        .find(|p| s(p, &["name"]) == "stream")
+        .expect("stream port");
+    assert_eq!(u64_at(stream, &["containerPort"]), 8080);
+    assert_eq!(literal(&env, "GATEWAY_LISTEN"), "0.0.0.0:8080");
+
+    // SIGTERM → drain → 10 s close grace → final flush, all after the preStop sleep and inside
+    // the grace period (docs/decisions.md, 21).
+    let pre_stop_cmd = seq(c, &["lifecycle", "preStop", "exec", "command"]);
+    assert_eq!(pre_stop_cmd[0].as_str(), Some("sleep"));
+    let pre_stop: u64 = pre_stop_cmd[1].as_str().unwrap().parse().unwrap();
+    let drain = duration_secs(literal(&env, "GATEWAY_DRAIN_TIMEOUT"));
+    let flush = duration_secs(literal(&env, "GATEWAY_FLUSH_TIMEOUT"));
+    let grace = u64_at(pod, &["terminationGracePeriodSeconds"]);
     assert!(
-        grace > pre_stop + drain + 10 + flush,
-        "grace {grace}s vs preStop {pre_stop}s + drain {drain}s + 10 s + flush {flush}s"
+        grace > pre_stop + drain + CLOSE_GRACE_SECS + flush,
+        "grace {grace}s vs preStop {pre_stop}s + drain {drain}s + {CLOSE_GRACE_SECS} s + flush {flush}s"
     );
+    // The comment beside the grace period states the same sum.
+    let expected_sum = pre_stop + drain + CLOSE_GRACE_SECS + flush;
+    assert!(
+        read("deploy/k8s/statefulset.yaml").contains(&format!("= {expected_sum} s")),
+        "statefulset.yaml's grace-period comment does not add up to {expected_sum} s"
+    );
+    // Rolling updates replace one pod at a time and wait for it to be ready.
+    assert_eq!(
+        s(&sts, &["spec", "updateStrategy", "type"]),
+        "RollingUpdate"
+    );
+    assert!(
+        get(&sts, &["spec", "updateStrategy"])
+            .get("rollingUpdate")
+            .and_then(|r| r.get("maxUnavailable"))
+            .is_none(),
+        "maxUnavailable for StatefulSets is an alpha feature: one pod at a time"
+    );
+    assert!(u64_at(&sts, &["spec", "minReadySeconds"]) > 0);
+
     let res = s(c, &["resources", "requests", "cpu"]);
     assert!(!res.is_empty());
-    assert!(read("deploy/k8s/deployment.yaml").contains("from docs/benchmarks.md"));
+    assert!(read("deploy/k8s/statefulset.yaml").contains("from docs/benchmarks.md"));
+    assert!(
+        get(c, &["resources", "limits"]).get("cpu").is_none(),
+        "no CPU limit (throttling delays real-time audio)"
+    );
 
-    let hpa = yaml("deploy/k8s/hpa.yaml");
-    let metrics = get(&hpa, &["spec", "metrics"]).as_sequence().unwrap();
+    let hpa = k8s("hpa.yaml");
+    let metrics = seq(&hpa, &["spec", "metrics"]);
     assert!(metrics
         .iter()
         .any(|m| m.get("resource").is_some_and(|r| s(r, &["name"]) == "cpu")));
     assert!(metrics.iter().any(|m| s(m, &["type"]) == "Pods"
         && s(m, &["pods", "metric", "name"]) == "gateway_open_streams"));
+}
+
+#[test]
+fn k8s_statefulset_names_pods_for_playback_slices_and_scales_within_them() {
+    let sts = statefulset();
+    let env = pod_env(&sts);
+    let pod_labels = get(&sts, &["spec", "template", "metadata", "labels"]);
+    assert!(selects(
+        get(&sts, &["spec", "selector", "matchLabels"]),
+        pod_labels
+    ));
+    // Stable pod names come from the governing headless Service.
+    let headless = k8s("headless-service.yaml");
+    assert_eq!(
+        s(&sts, &["spec", "serviceName"]),
+        s(&headless, &["metadata", "name"])
+    );
+    assert_eq!(s(&headless, &["spec", "clusterIP"]), "None");
+    assert!(selects(get(&headless, &["spec", "selector"]), pod_labels));
+    // Both Services and the PDB select the StatefulSet's pods.
+    let svc = k8s("service.yaml");
+    assert!(selects(get(&svc, &["spec", "selector"]), pod_labels));
+    let pdb = k8s("pdb.yaml");
+    assert!(selects(
+        get(&pdb, &["spec", "selector", "matchLabels"]),
+        pod_labels
+    ));
+    assert_eq!(u64_at(&pdb, &["spec", "maxUnavailable"]), 1);
+    // Pods start and stop in parallel when scaling.
+    assert_eq!(s(&sts, &["spec", "podManagementPolicy"]), "Parallel");
+
+    // Playback slices: the ordinal picks partitions p % count == ordinal; the HPA can create
+    // ordinals 0..maxReplicas-1, so count == maxReplicas gives each pod its own slice, and the
+    // playback topic needs at least count partitions.
+    assert_eq!(literal(&env, "GATEWAY_INSTANCE_INDEX"), "auto");
+    let count: u64 = literal(&env, "GATEWAY_INSTANCE_COUNT").parse().unwrap();
+    let partitions: u64 = literal(&env, "GATEWAY_TOPIC_PARTITIONS").parse().unwrap();
+    assert!(
+        !env.contains_key("GATEWAY_PLAYBACK_PARTITIONS"),
+        "an explicit partition list excludes --instance-index/--instance-count"
+    );
+    let hpa = k8s("hpa.yaml");
+    let target = get(&hpa, &["spec", "scaleTargetRef"]);
+    assert_eq!(s(target, &["apiVersion"]), "apps/v1");
+    assert_eq!(s(target, &["kind"]), "StatefulSet");
+    assert_eq!(s(target, &["name"]), s(&sts, &["metadata", "name"]));
+    let max = u64_at(&hpa, &["spec", "maxReplicas"]);
+    let min = u64_at(&hpa, &["spec", "minReplicas"]);
+    assert_eq!(count, max, "GATEWAY_INSTANCE_COUNT == HPA maxReplicas");
+    assert!(
+        count <= partitions,
+        "GATEWAY_INSTANCE_COUNT {count} > GATEWAY_TOPIC_PARTITIONS {partitions}"
+    );
+    let replicas = u64_at(&sts, &["spec", "replicas"]);
+    assert!(
+        min <= replicas && replicas <= max,
+        "{min} <= {replicas} <= {max}"
+    );
+    assert!(
+        min >= 2,
+        "at least two pods so a rolling update keeps taking calls"
+    );
+    // The pod name is the instance id in every record.
+    assert_eq!(
+        env.get("GATEWAY_ID"),
+        Some(&EnvValue::Field("metadata.name".into()))
+    );
+}
+
+#[test]
+fn k8s_spool_volume_per_pod_is_sized_above_the_spool_and_writable_by_the_gateway() {
+    let sts = statefulset();
+    let env = pod_env(&sts);
+    let pod = pod_spec(&sts);
+    let c = gateway_container(&sts);
+    let spool_dir = literal(&env, "GATEWAY_SPOOL_DIR");
+    let mount = seq(c, &["volumeMounts"])
+        .iter()
+        .find(|m| s(m, &["mountPath"]) == spool_dir)
+        .unwrap_or_else(|| panic!("nothing mounted at GATEWAY_SPOOL_DIR {spool_dir}"));
+    assert_ne!(
+        mount.get("readOnly").and_then(|r| r.as_bool()),
+        Some(true),
+        "the spool mount is writable"
+    );
+    let claim = s(mount, &["name"]);
+    // The mount is a per-pod claim from volumeClaimTemplates, not a pod volume.
+    let pod_volumes: Vec<&str> = pod
+        .get("volumes")
+        .and_then(|vs| vs.as_sequence())
+        .map(|vs| vs.iter().map(|v| s(v, &["name"])).collect())
+        .unwrap_or_default();
+    assert!(
+        !pod_volumes.contains(&claim),
+        "the spool must come from volumeClaimTemplates, not the pod volume {claim}"
+    );
+    let templates = seq(&sts, &["spec", "volumeClaimTemplates"]);
+    let pvc = templates
+        .iter()
+        .find(|t| s(t, &["metadata", "name"]) == claim)
+        .unwrap_or_else(|| panic!("no volumeClaimTemplate {claim}"));
+    let modes: Vec<&str> = seq(pvc, &["spec", "accessModes"])
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["ReadWriteOnce"]);
+    // Above the spool's maximum, with room for ext4's 5 % reserved blocks, an open segment
+    // and filesystem metadata.
+    let size = quantity_bytes(s(pvc, &["spec", "resources", "requests", "storage"]));
+    let spool_max: u64 = literal(&env, "GATEWAY_SPOOL_MAX_BYTES").parse().unwrap();
+    assert!(
+        size as f64 >= spool_max as f64 * 1.15,
+        "volume {size} B vs GATEWAY_SPOOL_MAX_BYTES {spool_max} B"
+    );
+    // Volumes of scaled-away pods may hold undelivered records: kept.
+    assert_eq!(
+        s(
+            &sts,
+            &["spec", "persistentVolumeClaimRetentionPolicy", "whenScaled"]
+        ),
+        "Retain"
+    );
+
+    // uid 10001 (the image's user) can write the fresh volume: fsGroup makes it group-owned.
+    let df = read("deploy/Dockerfile");
+    assert!(df.contains("USER 10001:10001"));
+    let sc = get(pod, &["securityContext"]);
+    assert_eq!(u64_at(sc, &["runAsUser"]), 10001);
+    assert_eq!(u64_at(sc, &["runAsGroup"]), 10001);
+    assert_eq!(u64_at(sc, &["fsGroup"]), 10001);
+    assert_eq!(get(sc, &["runAsNonRoot"]).as_bool(), Some(true));
+    // The root filesystem stays read-only: the spool is the only writable mount.
+    assert_eq!(
+        get(c, &["securityContext", "readOnlyRootFilesystem"]).as_bool(),
+        Some(true)
+    );
+    for m in seq(c, &["volumeMounts"]) {
+        if s(m, &["mountPath"]) != spool_dir {
+            assert_eq!(
+                m.get("readOnly").and_then(|r| r.as_bool()),
+                Some(true),
+                "{m:?} should be read-only"
+            );
+        }
+    }
+    // Replaying a full spool happens before /healthz answers: the startup probe allows a
+    // minute or more.
+    let startup = get(c, &["startupProbe"]);
+    assert!(u64_at(startup, &["periodSeconds"]) * u64_at(startup, &["failureThreshold"]) >= 60);
+}
+
+#[test]
+fn k8s_kafka_secret_is_mounted_as_the_options_file() {
+    let sts = statefulset();
+    let env = pod_env(&sts);
+    let pod = pod_spec(&sts);
+    let c = gateway_container(&sts);
+    let file = Path::new(literal(&env, "GATEWAY_KAFKA_OPTIONS_FILE"));
+    let (dir, name) = (
+        file.parent().unwrap().to_str().unwrap(),
+        file.file_name().unwrap().to_str().unwrap(),
+    );
+    let mount = seq(c, &["volumeMounts"])
+        .iter()
+        .find(|m| s(m, &["mountPath"]) == dir)
+        .unwrap_or_else(|| panic!("nothing mounted at {dir}"));
+    assert_eq!(get(mount, &["readOnly"]).as_bool(), Some(true));
+    let volume = seq(pod, &["volumes"])
+        .iter()
+        .find(|v| s(v, &["name"]) == s(mount, &["name"]))
+        .expect("the options file's volume");
+    // A secret volume, or a projected volume with secret sources: (secret, items, optional).
+    let sources: Vec<(&str, &[serde_yaml::Value], bool)> = if let Some(sec) = volume.get("secret") {
+        vec![(
+            s(sec, &["secretName"]),
+            seq(sec, &["items"]),
+            sec.get("optional")
+                .and_then(|o| o.as_bool())
+                .unwrap_or(false),
+        )]
+    } else {
+        seq(volume, &["projected", "sources"])
+            .iter()
+            .filter_map(|src| src.get("secret"))
+            .map(|sec| {
+                (
+                    s(sec, &["name"]),
+                    seq(sec, &["items"]),
+                    sec.get("optional")
+                        .and_then(|o| o.as_bool())
+                        .unwrap_or(false),
+                )
+            })
+            .collect()
+    };
+    let example = kafka_secret_example();
+    assert_eq!(s(&example, &["kind"]), "Secret");
+    let secret_name = s(&example, &["metadata", "name"]);
+    let (_, items, optional) = sources
+        .iter()
+        .find(|(n, _, _)| *n == secret_name)
+        .unwrap_or_else(|| panic!("volume does not mount Secret {secret_name}: {volume:?}"));
+    assert!(
+        !optional,
+        "without its settings the gateway would connect without security"
+    );
+    let item = items
+        .iter()
+        .find(|i| s(i, &["path"]) == name)
+        .unwrap_or_else(|| panic!("no item of {secret_name} lands at {name}"));
+    let key = s(item, &["key"]);
+    let props = s(&example, &["stringData", key]);
+    // The example carries SASL/SSL settings with placeholders, clearly marked, never values.
+    for line in ["security.protocol=sasl_ssl", "sasl.mechanism=SCRAM-SHA-512"] {
+        assert!(props.lines().any(|l| l.trim() == line), "{line} missing");
+    }
+    for k in ["sasl.username", "sasl.password"] {
+        let v = props
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} missing"));
+        assert!(
+            v.starts_with("CHANGE-ME"),
+            "{k} must be a marked placeholder, is {v:?}"
+        );
+    }
+    assert!(
+        read(&format!("deploy/k8s/kafka-credentials{EXAMPLE_SUFFIX}"))
+            .contains("PLACEHOLDER VALUES, NOT REAL CREDENTIALS")
+    );
+    // Every other secret file the volume mounts is optional (e.g. a private CA).
+    for (n, _, opt) in &sources {
+        assert!(*n == secret_name || *opt, "{n}: a second required Secret");
+    }
+    // Non-secret settings go in GATEWAY_KAFKA_OPTIONS (set, or shown commented out in
+    // configmap.yaml): nothing credential-like there.
+    let mut options: Vec<String> = commented_examples()
+        .get("GATEWAY_KAFKA_OPTIONS")
+        .cloned()
+        .into_iter()
+        .collect();
+    if let Some(EnvValue::Literal(o)) = env.get("GATEWAY_KAFKA_OPTIONS") {
+        options.push(o.clone());
+    }
+    assert!(
+        !options.is_empty(),
+        "configmap.yaml does not show GATEWAY_KAFKA_OPTIONS"
+    );
+    for opts in &options {
+        for l in opts.lines().filter(|l| !l.trim().is_empty()) {
+            let k = l.split('=').next().unwrap().to_lowercase();
+            assert!(
+                !["password", "secret", "username", "key"]
+                    .iter()
+                    .any(|w| k.contains(w)),
+                "GATEWAY_KAFKA_OPTIONS holds {k}: put it in the Secret"
+            );
+        }
+    }
+}
+
+#[test]
+fn deploy_files_name_only_settings_the_gateway_knows() {
+    let known = known_env_names();
+    assert!(
+        known.contains("GATEWAY_INSTANCE_INDEX") && known.len() >= 40,
+        "{known:?}"
+    );
+    let mut unknown = Vec::new();
+    for f in [
+        "deploy/k8s/configmap.yaml",
+        "deploy/k8s/statefulset.yaml",
+        "deploy/k8s/service.yaml",
+        "deploy/k8s/ingress.yaml",
+        "deploy/docker-compose.yml",
+        "deploy/Dockerfile",
+        "docs/operations.md",
+    ] {
+        for n in gateway_env_names(&read(f)) {
+            if known.contains(&n) {
+                continue;
+            }
+            if PENDING_ENV.contains(&n.as_str()) {
+                eprintln!("{f}: {n} is not in this build's --help yet (pending feature)");
+                continue;
+            }
+            unknown.push(format!("{f}: {n}"));
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "names the gateway does not read: {unknown:#?}"
+    );
+}
+
+/// `gateway print-config` with `env` (and nothing else), run under the host name `host` when
+/// the test may create a UTS namespace (`--instance-index auto` reads the host name); else
+/// GATEWAY_INSTANCE_INDEX=auto is replaced by the host name's ordinal, and that is said.
+fn print_config(env: &BTreeMap<String, String>, host: &str, args: &[&str]) -> String {
+    let bin = env!("CARGO_BIN_EXE_gateway");
+    let uts = Command::new("unshare")
+        .args(["--uts", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mut env = env.clone();
+    let mut cmd = if uts {
+        let mut c = Command::new("unshare");
+        c.args([
+            "--uts",
+            "sh",
+            "-c",
+            r#"printf %s "$0" > /proc/sys/kernel/hostname && exec "$@""#,
+            host,
+            bin,
+        ]);
+        c
+    } else {
+        if env.get("GATEWAY_INSTANCE_INDEX").map(String::as_str) == Some("auto") {
+            let ordinal = host.rsplit('-').next().unwrap().to_owned();
+            eprintln!(
+                "unshare --uts not permitted: GATEWAY_INSTANCE_INDEX=auto replaced by {ordinal}"
+            );
+            env.insert("GATEWAY_INSTANCE_INDEX".into(), ordinal);
+        }
+        Command::new(bin)
+    };
+    cmd.args(args).arg("print-config").env_clear().envs(&env);
+    if let Ok(path) = std::env::var("PATH") {
+        cmd.env("PATH", path);
+    }
+    let out = cmd.output().expect("run gateway print-config");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "print-config refused the deployment's settings ({:?}):\n{}\n{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn k8s_pod_environment_is_accepted_by_the_gateway() {
+    let sts = statefulset();
+    let hpa = k8s("hpa.yaml");
+    let max = u64_at(&hpa, &["spec", "maxReplicas"]);
+    // The last pod the HPA can create.
+    let pod_name = format!("{}-{}", s(&sts, &["metadata", "name"]), max - 1);
+    let tmp = std::env::temp_dir().join(format!("deploy-env-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let example = kafka_secret_example();
+    let props = s(&example, &["stringData", "kafka.properties"]);
+    let props_path = tmp.join("kafka.properties");
+    std::fs::write(&props_path, props).unwrap();
+
+    let mut env = BTreeMap::new();
+    for (k, v) in pod_env(&sts) {
+        let v = match v {
+            EnvValue::Literal(v) => v,
+            EnvValue::Field(f) if f == "metadata.name" => pod_name.clone(),
+            EnvValue::Field(f) => panic!("{k}: field {f} not simulated"),
+            EnvValue::Secret(_, _, true) => continue,
+            EnvValue::Secret(secret, key, false) => format!("test-{secret}-{key}"),
+        };
+        env.insert(k, v);
+    }
+    // The mounted Secret, at a path that exists here (its wiring: the test above).
+    env.insert(
+        "GATEWAY_KAFKA_OPTIONS_FILE".into(),
+        props_path.to_str().unwrap().into(),
+    );
+    // The commented examples too: uncommented, they must be valid.
+    let examples = commented_examples();
+    assert!(
+        examples.contains_key("GATEWAY_TRUSTED_PROXIES")
+            && examples.contains_key("GATEWAY_ALLOW_CIDRS"),
+        "configmap.yaml lost its connection-limit examples: {examples:?}"
+    );
+    env.extend(examples.clone());
+
+    let out = print_config(&env, &pod_name, &[]);
+    let line = |k: &str| -> &str {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k} = ")))
+            .unwrap_or_else(|| panic!("{k} not in print-config:\n{out}"))
+    };
+    let count = &env["GATEWAY_INSTANCE_COUNT"];
+    assert_eq!(
+        line("playback_partitions"),
+        format!("\"instance {} of {count}\"", max - 1)
+    );
+    assert_eq!(line("gateway_id"), format!("{pod_name:?}"));
+    assert_eq!(line("topic_partitions"), env["GATEWAY_TOPIC_PARTITIONS"]);
+    assert_eq!(
+        line("drain_timeout"),
+        format!(
+            "\"{}ms\"",
+            duration_secs(&env["GATEWAY_DRAIN_TIMEOUT"]) * 1000
+        )
+    );
+    assert_eq!(
+        line("flush_timeout"),
+        format!(
+            "\"{}ms\"",
+            duration_secs(&env["GATEWAY_FLUSH_TIMEOUT"]) * 1000
+        )
+    );
+    assert_eq!(line("create_topics"), env["GATEWAY_CREATE_TOPICS"]);
+    for (var, key) in [
+        ("GATEWAY_TRUSTED_PROXIES", "trusted_proxy"),
+        ("GATEWAY_ALLOW_CIDRS", "allow_cidr"),
+    ] {
+        for cidr in examples[var].split(',') {
+            assert!(
+                line(key).contains(&format!("{:?}", cidr.trim())),
+                "{key}: {cidr}"
+            );
+        }
+    }
+    assert!(out.contains("twilio auth tokens: 1 configured"), "{out}");
+    // The Secret's settings and the GATEWAY_KAFKA_OPTIONS example reach the Kafka options; the
+    // password never prints.
+    for kv in [
+        r#""security.protocol" = "sasl_ssl""#,
+        r#""sasl.mechanism" = "SCRAM-SHA-512""#,
+        r#""sasl.password" = "<redacted>""#,
+        r#""linger.ms" = "20""#,
+    ] {
+        assert!(out.contains(kv), "{kv} not in print-config:\n{out}");
+    }
+    assert!(!out.contains("CHANGE-ME-kafka-password"));
+    // The spool, once this build has it: the directory the volume is mounted at.
+    if out.contains("spool_dir") {
+        assert_eq!(line("spool_dir"), format!("{:?}", env["GATEWAY_SPOOL_DIR"]));
+    } else {
+        eprintln!("this build has no spool yet: spool settings not checked by print-config");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,9 +931,7 @@ fn compose_file_names_the_documented_services_and_ports() {
     let c = yaml("deploy/docker-compose.yml");
     let services = get(&c, &["services"]);
     let ports = |svc: &str| -> Vec<String> {
-        get(services, &[svc, "ports"])
-            .as_sequence()
-            .unwrap()
+        seq(services, &[svc, "ports"])
             .iter()
             .map(|p| p.as_str().unwrap().to_owned())
             .collect()
@@ -276,9 +949,7 @@ fn compose_file_names_the_documented_services_and_ports() {
         .join("deploy")
         .join(s(services, &["gateway", "build", "context"]));
     assert!(context.join("deploy/Dockerfile").is_file());
-    let cmd: Vec<&str> = get(services, &["gateway", "command"])
-        .as_sequence()
-        .unwrap()
+    let cmd: Vec<&str> = seq(services, &["gateway", "command"])
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
@@ -292,7 +963,7 @@ fn compose_file_names_the_documented_services_and_ports() {
     assert_eq!(ports("grafana"), ["3000:3000"]);
     // Every mounted file or directory exists.
     for svc in ["prometheus", "grafana"] {
-        for v in get(services, &[svc, "volumes"]).as_sequence().unwrap() {
+        for v in seq(services, &[svc, "volumes"]) {
             let host = v.as_str().unwrap().split(':').next().unwrap();
             assert!(
                 root().join("deploy").join(host).exists(),
@@ -300,19 +971,64 @@ fn compose_file_names_the_documented_services_and_ports() {
             );
         }
     }
+    // The gateway's environment, as compose passes it.
+    let genv: BTreeMap<String, String> = get(services, &["gateway", "environment"])
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_yaml::Value::String(s) => s.clone(),
+                other => panic!("{k:?}: quote compose environment values, got {other:?}"),
+            };
+            (k.as_str().unwrap().to_owned(), v)
+        })
+        .collect();
+    // The spool lives on a named volume mounted at GATEWAY_SPOOL_DIR; the image creates that
+    // directory owned by 10001, which a fresh named volume copies.
+    let spool_dir = &genv["GATEWAY_SPOOL_DIR"];
+    let declared = get(&c, &["volumes"])
+        .as_mapping()
+        .expect("top-level volumes");
+    let spool_mount = seq(services, &["gateway", "volumes"])
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .find(|v| v.split(':').nth(1) == Some(spool_dir.as_str()))
+        .unwrap_or_else(|| panic!("nothing mounted at {spool_dir}"));
+    let volume = spool_mount.split(':').next().unwrap();
+    assert!(
+        declared.contains_key(volume),
+        "{volume} is not a named volume declared at the top level"
+    );
+    let df = read("deploy/Dockerfile");
+    assert!(
+        df.lines()
+            .any(|l| l.contains("install -d -o 10001 -g 10001") && l.contains(spool_dir.as_str())),
+        "the image does not create {spool_dir} for uid 10001"
+    );
+    // Stopping waits for the drain, the close grace and the final flush.
+    let drain = duration_secs(&genv["GATEWAY_DRAIN_TIMEOUT"]);
+    let flush = genv
+        .get("GATEWAY_FLUSH_TIMEOUT")
+        .map_or(30, |f| duration_secs(f));
+    let stop = duration_secs(s(services, &["gateway", "stop_grace_period"]));
+    assert!(
+        stop > drain + CLOSE_GRACE_SECS + flush,
+        "stop_grace_period {stop}s vs drain {drain}s + {CLOSE_GRACE_SECS} s + flush {flush}s"
+    );
+    // The gateway accepts the compose command line and environment.
+    let out = print_config(&genv, "gateway", &cmd);
+    assert!(out.contains("brokers = \"kafka:9092\""), "{out}");
+    if out.contains("spool_dir") {
+        assert!(out.contains(&format!("spool_dir = {spool_dir:?}")), "{out}");
+    }
     // The Prometheus config scrapes the gateway's admin port by service name.
     let p = yaml("deploy/prometheus/prometheus.yml");
     let targets = format!("{:?}", get(&p, &["scrape_configs"]));
     assert!(targets.contains("gateway:9090"), "{targets}");
     // Grafana's datasource uid is what the dashboard's datasource variable defaults to.
     let ds = yaml("deploy/grafana/provisioning/datasources/prometheus.yml");
-    assert_eq!(
-        s(
-            &get(&ds, &["datasources"]).as_sequence().unwrap()[0],
-            &["uid"]
-        ),
-        "prometheus"
-    );
+    assert_eq!(s(&seq(&ds, &["datasources"])[0], &["uid"]), "prometheus");
     // The ports the operations guide names are the ones the compose file publishes.
     let ops = read("docs/operations.md");
     for port in ["8080", "9090", "9091", "9092", "3000"] {
@@ -322,7 +1038,6 @@ fn compose_file_names_the_documented_services_and_ports() {
         );
     }
 
-    let df = read("deploy/Dockerfile");
     assert!(df.contains(" AS builder"), "multi-stage");
     assert!(df.contains("FROM debian:bookworm-slim"));
     assert!(df.contains("cargo build --release"));
@@ -358,6 +1073,84 @@ fn promtool_checks_config_rules_and_rule_unit_tests() {
         Command::new("promtool")
             .current_dir(&dir)
             .args(["test", "rules", "alerts.test.yml"]),
+    );
+}
+
+#[test]
+fn every_alert_has_a_unit_test_and_a_runbook_section() {
+    let ops = read("docs/operations.md");
+    let tests = read("deploy/prometheus/alerts.test.yml");
+    let a = yaml("deploy/prometheus/alerts.yml");
+    let mut names = Vec::new();
+    for g in seq(&a, &["groups"]) {
+        for r in seq(g, &["rules"]) {
+            let name = s(r, &["alert"]);
+            names.push(name.to_owned());
+            assert_eq!(
+                s(r, &["annotations", "runbook"]),
+                format!("docs/operations.md#{}", name.to_lowercase()),
+                "{name}: runbook link"
+            );
+            assert!(
+                ops.lines().any(|l| l == format!("### {name}")),
+                "docs/operations.md has no `### {name}` runbook"
+            );
+            assert!(
+                tests.contains(&format!("alertname: {name}\n")),
+                "{name} has no promtool unit test in alerts.test.yml"
+            );
+        }
+    }
+    assert!(names.len() >= 16, "{names:?}");
+}
+
+/// Every file under `dir`, recursively, relative to the workspace root.
+fn files_under(dir: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![root().join(dir)];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(root()).unwrap();
+                out.push(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn deploy_references_to_the_operations_guide_name_its_sections() {
+    let headings: BTreeSet<String> = read("docs/operations.md")
+        .lines()
+        .filter_map(|l| l.strip_prefix("### ").or_else(|| l.strip_prefix("## ")))
+        .map(|h| h.trim().to_owned())
+        .collect();
+    let re = regex::Regex::new(r#"docs/operations\.md, "([^"]+)""#).unwrap();
+    let mut found = 0;
+    let mut broken = Vec::new();
+    for f in files_under("deploy") {
+        let Ok(text) = std::fs::read_to_string(root().join(&f)) else {
+            continue; // not text
+        };
+        for c in re.captures_iter(&text) {
+            found += 1;
+            if !headings.contains(&c[1]) {
+                broken.push(format!("{f}: \"{}\"", &c[1]));
+            }
+        }
+    }
+    assert!(
+        found >= 8,
+        "only {found} section references found in deploy/"
+    );
+    assert!(
+        broken.is_empty(),
+        "sections docs/operations.md does not have: {broken:#?}\nheadings: {headings:#?}"
     );
 }
 
