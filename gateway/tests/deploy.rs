@@ -40,15 +40,6 @@ const SCHEMA_EXCEPTIONS: &[(&str, &str)] = &[
 /// others, but never kustomization resources, so `kubectl apply -k` cannot apply placeholders.
 const EXAMPLE_SUFFIX: &str = ".example.yaml";
 
-/// `GATEWAY_*` variables the deployment sets for a feature whose flags are final but which is
-/// not in every build yet (the disk spool). Until `gateway --help` lists them they may be
-/// unknown; once it does, they are checked like every other name.
-const PENDING_ENV: &[&str] = &[
-    "GATEWAY_SPOOL_DIR",
-    "GATEWAY_SPOOL_MAX_BYTES",
-    "GATEWAY_SPOOL_FSYNC",
-];
-
 /// The close grace between the drain timeout and the final flush (docs/decisions.md, 21).
 const CLOSE_GRACE_SECS: u64 = 10;
 
@@ -765,10 +756,6 @@ fn deploy_files_name_only_settings_the_gateway_knows() {
             if known.contains(&n) {
                 continue;
             }
-            if PENDING_ENV.contains(&n.as_str()) {
-                eprintln!("{f}: {n} is not in this build's --help yet (pending feature)");
-                continue;
-            }
             unknown.push(format!("{f}: {n}"));
         }
     }
@@ -914,12 +901,9 @@ fn k8s_pod_environment_is_accepted_by_the_gateway() {
         assert!(out.contains(kv), "{kv} not in print-config:\n{out}");
     }
     assert!(!out.contains("CHANGE-ME-kafka-password"));
-    // The spool, once this build has it: the directory the volume is mounted at.
-    if out.contains("spool_dir") {
-        assert_eq!(line("spool_dir"), format!("{:?}", env["GATEWAY_SPOOL_DIR"]));
-    } else {
-        eprintln!("this build has no spool yet: spool settings not checked by print-config");
-    }
+    // The spool: the directory the volume is mounted at, and its cap.
+    assert_eq!(line("spool_dir"), format!("{:?}", env["GATEWAY_SPOOL_DIR"]));
+    assert_eq!(line("spool_max_bytes"), env["GATEWAY_SPOOL_MAX_BYTES"]);
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
