@@ -35,9 +35,11 @@ PREFIX="outage$STAMP"
 BROKER=$!
 GW=""
 cleanup() {
+  # Teardown, not a test of shutdown: SIGKILL (a SIGTERM'd gateway would drain for 30 s).
   kill -CONT $BROKER 2>/dev/null || true
-  [ -n "$GW" ] && kill $GW 2>/dev/null || true
-  kill $BROKER 2>/dev/null || true
+  kill -9 $(jobs -p) 2>/dev/null || true
+  [ -n "$GW" ] && kill -9 $GW 2>/dev/null || true
+  kill -9 $BROKER 2>/dev/null || true
   rm -rf "$SPOOLDIR"
 }
 trap cleanup EXIT
@@ -77,6 +79,7 @@ if [ -n "$KILL_AT" ]; then
   sleep "$KILL_AT"
   kill -9 $GW; wait $GW 2>/dev/null || true
   echo "gateway killed at $(date +%T) (${KILL_AT}s into the outage)"
+  echo "on disk after the kill: $(target/release/gateway spool-inspect "$SPOOLDIR" | tail -1)"
   # Twilio would reconnect calls to another instance; the load generator's calls on this one
   # end here. The restarted gateway must deliver what reached the spool.
   sleep $((OUTAGE - KILL_AT))
@@ -110,11 +113,13 @@ try:
     r = json.load(open(out + ".json"))
 except Exception as e:
     print("no loadtest report:", e); sys.exit(0)
-v = r.get("verify") or {}
-small = {k: x for k, x in v.items() if not isinstance(x, (list, dict))}
-print("verify:", json.dumps(small))
-for k, x in v.items():
-    if isinstance(x, dict) and "expected" in x:
-        print(f"  {k}:", json.dumps(x))
+v = r.get("verification") or {}
+t = v.get("total") or {}
+print("verify total:", json.dumps(t))
+print(f"streams {v.get('streams')} start events {v.get('start_events')} end events {v.get('end_events')}; "
+      f"gateway published {v.get('gateway_frames_published')} dropped {v.get('gateway_frames_dropped')}")
 PY
 echo "files: $OUT.{csv,json,loadtest.log,gateway.log}"
+kill $SAMPLER 2>/dev/null || true
+cleanup
+trap - EXIT

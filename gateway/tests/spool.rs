@@ -582,6 +582,7 @@ async fn a_full_disk_is_counted_and_handled_by_the_overflow_policy() {
         count_events(r, "stop") >= n
     })
     .await;
+    assert_eq!(count_events(&recs, "start"), n, "events are never dropped");
     let terms = terminal_events(&recs);
     let mut published = 0;
     let mut dropped = 0;

@@ -120,6 +120,14 @@ impl Budget {
         w == 0 || w + cost <= self.window_limit
     }
 
+    /// Whether `cost` more bytes of *backlog* fit: replay may fill three quarters of the
+    /// window, so the last quarter stays free for live streams (those with nothing spooled)
+    /// while a backlog drains — replay never starves live audio.
+    pub fn window_has_room_for_backlog(&self, cost: u64) -> bool {
+        let w = self.window.load(Ordering::Relaxed);
+        w == 0 || w + cost <= self.window_limit / 4 * 3
+    }
+
     /// Refreshes the gauge (the drain calls this once per loop; window moves skip it).
     pub fn publish_gauge(&self) {
         self.mirror();
@@ -198,6 +206,18 @@ mod tests {
             b.window_has_room(10_000),
             "an empty window takes any record"
         );
+    }
+
+    #[test]
+    fn backlog_replay_leaves_a_quarter_of_the_window_to_live_streams() {
+        let b = budget(1000, 400);
+        b.charge(200);
+        b.to_window(200, 200);
+        assert!(b.window_has_room_for_backlog(100), "300 of 400: within three quarters");
+        assert!(!b.window_has_room_for_backlog(101));
+        assert!(b.window_has_room(200), "live records may use the whole window");
+        b.window_done(200);
+        assert!(b.window_has_room_for_backlog(10_000), "an empty window takes any record");
     }
 
     #[test]

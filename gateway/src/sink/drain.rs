@@ -303,7 +303,7 @@ impl Drain {
                 self.spool.front(&self.params.topics)
             };
             let Some(r) = next else { return };
-            if r.kind == Kind::Audio && !window_fits(&self.shared, &self.params.topics, r) {
+            if r.kind == Kind::Audio && !backlog_fits(&self.shared, &self.params.topics, r) {
                 return;
             }
             let taken = if from_rescued {
@@ -901,6 +901,19 @@ impl Drain {
 
 /// Whether `r` fits in the window now.
 fn window_fits(shared: &Shared, topics: &Topics, r: &SpoolRecord) -> bool {
+    shared.budget.window_has_room(window_cost_of(topics, r))
+}
+
+/// Whether a spooled record may be produced now (replay leaves a quarter of the window to
+/// live streams).
+fn backlog_fits(shared: &Shared, topics: &Topics, r: &SpoolRecord) -> bool {
+    shared
+        .budget
+        .window_has_room_for_backlog(window_cost_of(topics, r))
+}
+
+/// What a record will cost in librdkafka's window.
+fn window_cost_of(topics: &Topics, r: &SpoolRecord) -> u64 {
     let value = match topics.kind(r.slot) {
         Some(TopicKind::Audio {
             expand_mulaw: true, ..
@@ -908,9 +921,7 @@ fn window_fits(shared: &Shared, topics: &Topics, r: &SpoolRecord) -> bool {
         _ => r.payload.len(),
     };
     let key = r.stream.as_ref().map_or(0, |s| s.key().len());
-    shared
-        .budget
-        .window_has_room(window_cost(key, value, r.compact_cost()))
+    window_cost(key, value, r.compact_cost())
 }
 
 /// The final counts of a stream.

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Latency and CPU against linger.ms at one load: for each value, a fresh broker and gateway,
+# STREAMS real-time calls for SECS with full verification and the sampled latency probe.
+# Usage: bench/linger_curve.sh [STREAMS=500] [SECS=60] [LINGERS="5 10 20 50"] [TRACKS=both]
+# Prints per value: e2e p50/p99 (verifier, and the independent probe), harness lag, gateway
+# CPU µs per media message, loss.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+STREAMS="${1:-500}"
+SECS="${2:-60}"
+LINGERS="${3:-5 10 20 50}"
+TRACKS="${4:-both}"
+"$ROOT/scripts/setup.sh" >/dev/null
+cargo build --release -p gateway -p loadtest 2>/dev/null
+TANSU="$("$ROOT/scripts/install-broker.sh")"
+BP=29692; GP=28680; AP=29680
+TICK=$(getconf CLK_TCK)
+mkdir -p bench/results
+for L in $LINGERS; do
+  "$TANSU" broker --listener-url tcp://127.0.0.1:$BP --advertised-listener-url tcp://127.0.0.1:$BP \
+    --storage-engine memory://tansu/ >/dev/null 2>&1 &
+  B=$!
+  sleep 1
+  target/release/gateway --listen 127.0.0.1:$GP --admin-listen 127.0.0.1:$AP --brokers 127.0.0.1:$BP \
+    --insecure-skip-signature --log-level warn --topic-prefix "lc$L" \
+    ${GATEWAY_ARGS:-} $( [ "$L" = default ] || echo "--kafka-option linger.ms=$L" ) >/dev/null 2>&1 &
+  G=$!
+  until curl -fs http://127.0.0.1:$AP/readyz >/dev/null 2>&1; do sleep 0.2; done
+  OUT="bench/results/linger-$L-$STREAMS-$(date +%H%M%S).json"
+  c0=$(awk '{print $14 + $15}' /proc/$G/stat)
+  target/release/loadtest steady --url ws://127.0.0.1:$GP/stream --streams "$STREAMS" --duration "$SECS" \
+    --tracks "$TRACKS" --ramp-per-sec 100 --audio ../shared/fixtures/speech-8k.ulaw \
+    --verify-brokers 127.0.0.1:$BP --topic-prefix "lc$L" --latency-probe --json-out "$OUT" --quiet \
+    >/dev/null 2>&1 || true
+  c1=$(awk '{print $14 + $15}' /proc/$G/stat)
+  kill $G $B 2>/dev/null; wait $G $B 2>/dev/null || true
+  python3 - "$OUT" "$L" "$(( c1 - c0 ))" "$TICK" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1])); L = sys.argv[2]; cpu = int(sys.argv[3]) / int(sys.argv[4])
+v = r["verification"]; t = v["total"]; lat = v["latency"]
+p = (v.get("probe") or {}).get("send_to_receipt") or {}
+h = v["harness"]["receipt_to_verify"]
+msgs = r["media_sent"]
+print(f"linger {L}: e2e p50 {lat.get('p50_ms')} p99 {lat.get('p99_ms')} ms | probe p50 {p.get('p50_ms')} p99 {p.get('p99_ms')} ms "
+      f"| harness receipt->verify p99 {h.get('p99_ms')} ms | gateway {cpu*1e6/max(msgs,1):.2f} us/msg "
+      f"| missing {t['missing']} dup {t['duplicated']} ooo {t['out_of_order']} mismatch {t['pcm_mismatches']}")
+PY
+done
