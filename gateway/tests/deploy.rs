@@ -1489,7 +1489,8 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_le_bytes(b[i..i + 4].try_into().unwrap())
 }
 
-fn check_wav(path: &Path, want: &[u8]) {
+/// `origin_ms`: the stream time of the WAV's first sample (`--from-ms`).
+fn check_wav(path: &Path, want: &[u8], origin_ms: usize) {
     let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(&b[0..4], b"RIFF");
     assert_eq!(u32_at(&b, 4) as usize, b.len() - 8, "RIFF size");
@@ -1507,7 +1508,9 @@ fn check_wav(path: &Path, want: &[u8]) {
     let data = &b[44..];
     // The gap (400..1000 ms) is exact silence.
     assert!(
-        data[400 * 16..1000 * 16].iter().all(|&x| x == 0),
+        data[(400 - origin_ms) * 16..(1000 - origin_ms) * 16]
+            .iter()
+            .all(|&x| x == 0),
         "gap not silent"
     );
     if let Some(i) = data.iter().zip(want).position(|(a, b)| a != b) {
@@ -1515,7 +1518,8 @@ fn check_wav(path: &Path, want: &[u8]) {
     }
 }
 
-async fn tap_roundtrip(name: &str, gateway_args: &[&str]) {
+/// `range`: `--from-ms`/`--to-ms` for the tap (the WAVs then start at `from`).
+async fn tap_roundtrip(name: &str, gateway_args: &[&str], range: Option<(u64, u64)>) {
     let gw = Gateway::start(name, gateway_args);
     let audio = speech();
     let stream = sid("MZ", 0x7a9);
@@ -1532,29 +1536,43 @@ async fn tap_roundtrip(name: &str, gateway_args: &[&str]) {
 
     let out_dir = std::env::temp_dir().join(format!("tap-{}-{}", std::process::id(), gw.prefix));
     let _ = std::fs::remove_dir_all(&out_dir);
-    let out = run_tap(
-        &[
-            "--brokers",
-            &gw.brokers,
-            "--topic-prefix",
-            &gw.prefix,
-            "--stream",
-            &stream,
-            "--out",
-            out_dir.to_str().unwrap(),
-        ],
-        Duration::from_secs(60),
-    );
+    let (from, to) = range.map_or((String::new(), String::new()), |(f, t)| {
+        (f.to_string(), t.to_string())
+    });
+    let mut args = vec![
+        "--brokers",
+        &gw.brokers,
+        "--topic-prefix",
+        &gw.prefix,
+        "--stream",
+        &stream,
+        "--out",
+        out_dir.to_str().unwrap(),
+    ];
+    if range.is_some() {
+        args.extend(["--from-ms", &from, "--to-ms", &to]);
+    }
+    let out = run_tap(&args, Duration::from_secs(60));
     let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tap failed: {stderr}");
+    // The stream has ended: the tap reads only its ranges, from its terminal event's index.
     assert!(
-        out.status.success(),
-        "tap failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains(&format!("replay index of {stream}")),
+        "{stderr}"
     );
     for track in ["inbound", "outbound"] {
+        let full = expected_pcm(&audio, track);
+        let want = match range {
+            // 8 samples of 2 bytes per ms.
+            Some((f, t)) => full[(f as usize * 16)..(t as usize * 16).min(full.len())].to_vec(),
+            None => full,
+        };
+        let origin = range.map_or(0, |(f, _)| f as usize);
         check_wav(
             &out_dir.join(format!("{stream}.{track}.wav")),
-            &expected_pcm(&audio, track),
+            &want,
+            origin,
         );
     }
     // Only the selected stream's files.
@@ -1581,7 +1599,7 @@ async fn tap_roundtrip(name: &str, gateway_args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tap_writes_pcm_wavs_placed_by_timestamp_with_silent_gaps() {
-    tap_roundtrip("tap-pcm", &[]).await;
+    tap_roundtrip("tap-pcm", &[], None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1589,6 +1607,18 @@ async fn tap_decodes_mulaw_batched_records_to_the_same_pcm() {
     tap_roundtrip(
         "tap-mulaw",
         &["--audio-encoding", "mulaw", "--frames-per-record", "3"],
+        None,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_cuts_a_window_of_the_stream_timeline_mid_record() {
+    // 110 ms falls inside a 3-chunk record (60 ms); 1100 ms inside the gap-separated tail.
+    tap_roundtrip(
+        "tap-window",
+        &["--audio-encoding", "mulaw", "--frames-per-record", "3"],
+        Some((110, 1100)),
     )
     .await;
 }
@@ -1685,6 +1715,7 @@ async fn tap_follow_writes_live_audio_with_valid_headers_and_stops_on_sigterm() 
         check_wav(
             &out_dir.join(format!("{stream}.{track}.wav")),
             &expected_pcm(&audio, track),
+            0,
         );
     }
     let _ = std::fs::remove_dir_all(&out_dir);

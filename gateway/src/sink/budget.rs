@@ -213,11 +213,20 @@ mod tests {
         let b = budget(1000, 400);
         b.charge(200);
         b.to_window(200, 200);
-        assert!(b.window_has_room_for_backlog(100), "300 of 400: within three quarters");
+        assert!(
+            b.window_has_room_for_backlog(100),
+            "300 of 400: within three quarters"
+        );
         assert!(!b.window_has_room_for_backlog(101));
-        assert!(b.window_has_room(200), "live records may use the whole window");
+        assert!(
+            b.window_has_room(200),
+            "live records may use the whole window"
+        );
         b.window_done(200);
-        assert!(b.window_has_room_for_backlog(10_000), "an empty window takes any record");
+        assert!(
+            b.window_has_room_for_backlog(10_000),
+            "an empty window takes any record"
+        );
     }
 
     #[test]

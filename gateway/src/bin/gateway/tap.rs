@@ -11,6 +11,12 @@
 //!   is placed there. When two records cover the same samples, the later one read wins.
 //! - prints every event as one line on stdout: `<stream_sid>\t<type>\t<json>`.
 //!
+//! With `--stream SID` (without `--follow`) it first looks for the stream's terminal event and
+//! reads only the partitions and offset ranges its replay index names (no scan of the audio
+//! topics); a stream that has not ended is found by scanning. `--from-ms`/`--to-ms` cut a
+//! window of the stream timeline: records are clipped to it sample-exactly and sample 0 of
+//! each WAV is `--from-ms`.
+//!
 //! Without `--follow` it stops once every partition has reached the end offset captured at
 //! start; with it, it keeps consuming until SIGINT/SIGTERM. WAV headers carry the right sizes
 //! when the tap ends, after each stream's final event, and (with `--follow`) every second.
@@ -36,6 +42,8 @@ use gateway::sink::kafka_config::{parse_option, parse_properties, KafkaOptions};
 
 /// Sample rate of every WAV the tap writes (the gateway's contract: 8 kHz).
 const SAMPLE_RATE: u32 = 8_000;
+/// Samples per millisecond of the stream timeline.
+const SAMPLES_PER_MS: u64 = SAMPLE_RATE as u64 / 1000;
 /// Bytes per sample (PCM s16le, mono).
 const BYTES_PER_SAMPLE: u64 = 2;
 /// Size of the canonical 44-byte RIFF/WAVE header.
@@ -59,6 +67,13 @@ pub struct TapArgs {
     /// Only this stream (its `streamSid`).
     #[arg(long, value_name = "SID")]
     pub stream: Option<String>,
+    /// Start of the window to write, ms on the stream's timeline (`timestamp_ms`): sample 0 of
+    /// each WAV is this instant; audio before it is cut off.
+    #[arg(long, value_name = "MS")]
+    pub from_ms: Option<u64>,
+    /// End of the window to write (exclusive), ms on the stream's timeline.
+    #[arg(long, value_name = "MS")]
+    pub to_ms: Option<u64>,
     /// Keep consuming live records; otherwise stop once caught up with the end offsets
     /// captured at start.
     #[arg(long)]
@@ -255,6 +270,10 @@ struct Recorder {
     tracks: BTreeMap<(String, String), WavTrack>,
     /// Records skipped (bad headers, unknown encoding, beyond the WAV size limit).
     skipped: u64,
+    /// `--from-ms`/`--to-ms` in samples: [from, to).
+    window: (u64, u64),
+    /// Records entirely outside the window.
+    outside: u64,
     pcm: Vec<u8>,
 }
 
@@ -309,7 +328,21 @@ impl Recorder {
                 return self.skip(&where_, &format!("invalid chunks header {chunks:?}"));
             }
         }
-        let first_sample = ts_ms.saturating_mul(u64::from(SAMPLE_RATE) / 1000);
+        let mut first_sample = ts_ms.saturating_mul(SAMPLES_PER_MS);
+        // Cut to the window; the window's start becomes sample 0.
+        let (from, to) = self.window;
+        let samples = (self.pcm.len() / BYTES_PER_SAMPLE as usize) as u64;
+        let start = first_sample.max(from);
+        let stop = first_sample.saturating_add(samples).min(to);
+        if start >= stop {
+            self.outside += 1;
+            return Ok(());
+        }
+        let cut_front = ((start - first_sample) * BYTES_PER_SAMPLE) as usize;
+        let keep = ((stop - start) * BYTES_PER_SAMPLE) as usize;
+        self.pcm.truncate(cut_front + keep);
+        self.pcm.drain(..cut_front);
+        first_sample = start - from;
         let end = first_sample
             .saturating_mul(BYTES_PER_SAMPLE)
             .saturating_add(self.pcm.len() as u64);
@@ -473,6 +506,111 @@ impl Progress {
     }
 }
 
+/// One topic partition's offsets of a stream, from its terminal event's `replay` index.
+struct ReplayRange {
+    topic: String,
+    partition: i32,
+    first: i64,
+    last: i64,
+}
+
+/// Reads the events topic to its end looking for `stream`'s terminal event and returns its
+/// replay index (the partitions and offset ranges of its records), or None when the stream has
+/// not ended (or was published by a gateway without the index).
+fn find_replay_index(
+    consumer: &BaseConsumer,
+    events_topic: &str,
+    stream: &str,
+) -> Result<Option<Vec<ReplayRange>>, TapError> {
+    // The index covers the records before the terminal event; the terminal event itself is
+    // added to the events topic's range so it is printed too.
+    let md = consumer
+        .fetch_metadata(Some(events_topic), METADATA_TIMEOUT)
+        .map_err(kafka(format!("metadata of {events_topic}")))?;
+    let Some(t) = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == events_topic && t.error().is_none())
+    else {
+        return Ok(None);
+    };
+    let mut tpl = TopicPartitionList::new();
+    let mut progress = Progress {
+        remaining: HashMap::new(),
+    };
+    for p in t.partitions() {
+        let (low, high) = consumer
+            .fetch_watermarks(events_topic, p.id(), METADATA_TIMEOUT)
+            .map_err(kafka(format!("watermarks of {events_topic}[{}]", p.id())))?;
+        if high > low {
+            progress
+                .remaining
+                .insert((events_topic.to_owned(), p.id()), high);
+            tpl.add_partition_offset(events_topic, p.id(), Offset::Beginning)
+                .map_err(kafka("building the assignment"))?;
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(None);
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(kafka("assigning partitions"))?;
+    let mut found = None;
+    while !progress.done() && !STOP.load(Ordering::SeqCst) {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                progress.seen(consumer, m.topic(), m.partition(), m.offset());
+                if m.key() != Some(stream.as_bytes()) {
+                    continue;
+                }
+                let Some(json) = m
+                    .payload()
+                    .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
+                else {
+                    continue;
+                };
+                let terminal = matches!(
+                    json.get("type").and_then(|t| t.as_str()),
+                    Some("stop" | "disconnect" | "error")
+                );
+                if let (true, Some(entries)) =
+                    (terminal, json.get("replay").and_then(|r| r.as_array()))
+                {
+                    let ranges = entries
+                        .iter()
+                        .filter_map(|e| {
+                            Some(ReplayRange {
+                                topic: e.get("topic")?.as_str()?.to_owned(),
+                                partition: i32::try_from(e.get("partition")?.as_i64()?).ok()?,
+                                first: e.get("first_offset")?.as_i64()?,
+                                last: e.get("last_offset")?.as_i64()?,
+                            })
+                        })
+                        .collect::<Vec<ReplayRange>>();
+                    let mut ranges = ranges;
+                    match ranges
+                        .iter_mut()
+                        .find(|r| r.topic == events_topic && r.partition == m.partition())
+                    {
+                        Some(r) => r.last = r.last.max(m.offset()),
+                        None => ranges.push(ReplayRange {
+                            topic: events_topic.to_owned(),
+                            partition: m.partition(),
+                            first: m.offset(),
+                            last: m.offset(),
+                        }),
+                    }
+                    found = Some(ranges);
+                }
+            }
+            Some(Err(e)) => eprintln!("tap: consumer error: {e}"),
+            None => progress.check_positions(consumer),
+        }
+    }
+    Ok(found)
+}
+
 /// Runs the tap until caught up (or, with `--follow`, until SIGINT/SIGTERM).
 pub fn run(args: TapArgs) -> Result<(), TapError> {
     std::fs::create_dir_all(&args.out).map_err(io(&args.out))?;
@@ -493,11 +631,42 @@ pub fn run(args: TapArgs) -> Result<(), TapError> {
         format!("{}.audio.outbound", args.topic_prefix),
         format!("{}.events", args.topic_prefix),
     ];
+    if let (Some(from), Some(to)) = (args.from_ms, args.to_ms) {
+        if from >= to {
+            return Err(TapError::Config(format!(
+                "--from-ms {from} must be below --to-ms {to}"
+            )));
+        }
+    }
     let mut tpl = TopicPartitionList::new();
     let mut progress = Progress {
         remaining: HashMap::new(),
     };
-    for topic in &topics {
+    // A stream that has ended carries its replay index: read only its partitions' ranges.
+    let index = match (&args.stream, args.follow) {
+        (Some(sid), false) => find_replay_index(&consumer, &topics[2], sid)?,
+        _ => None,
+    };
+    if let Some(ranges) = &index {
+        let sid = args.stream.as_deref().unwrap_or_default();
+        eprintln!(
+            "tap: replay index of {sid}: {} topic partitions, {} records",
+            ranges.len(),
+            ranges.iter().map(|r| r.last - r.first + 1).sum::<i64>()
+        );
+        for r in ranges {
+            if !topics.contains(&r.topic) {
+                // Profile topics and others this tap does not decode.
+                continue;
+            }
+            tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.first))
+                .map_err(kafka("building the assignment"))?;
+            progress
+                .remaining
+                .insert((r.topic.clone(), r.partition), r.last + 1);
+        }
+    }
+    for topic in topics.iter().filter(|_| index.is_none()) {
         let md = consumer
             .fetch_metadata(Some(topic), METADATA_TIMEOUT)
             .map_err(kafka(format!("metadata of {topic}")))?;
@@ -532,6 +701,12 @@ pub fn run(args: TapArgs) -> Result<(), TapError> {
         out: args.out.clone(),
         tracks: BTreeMap::new(),
         skipped: 0,
+        window: (
+            args.from_ms.unwrap_or(0).saturating_mul(SAMPLES_PER_MS),
+            args.to_ms
+                .map_or(u64::MAX, |t| t.saturating_mul(SAMPLES_PER_MS)),
+        ),
+        outside: 0,
         pcm: Vec::with_capacity(16 * 1024),
     };
     let stdout = std::io::stdout();
@@ -593,8 +768,8 @@ pub fn run(args: TapArgs) -> Result<(), TapError> {
     rec.finish()?;
     let _ = stdout.lock().flush();
     eprintln!(
-        "tap: {audio_records} audio records, {events} events, {} skipped",
-        rec.skipped
+        "tap: {audio_records} audio records, {events} events, {} skipped, {} outside --from-ms/--to-ms",
+        rec.skipped, rec.outside
     );
     for t in rec.tracks.values() {
         eprintln!(
