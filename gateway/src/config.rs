@@ -123,6 +123,12 @@ pub struct RunArgs {
     /// Playback audio queued for all streams together, bytes of μ-law [default: 268435456].
     #[arg(long, env = "GATEWAY_PLAYBACK_MAX_BYTES")]
     pub playback_max_bytes: Option<u64>,
+    /// Output profile `name[:rate=16000,format=s16le|f32le,layout=mono|stereo]`, repeatable;
+    /// each publishes to its own topics `<prefix>.audio.<name>.inbound|outbound` (mono) or
+    /// `<prefix>.audio.<name>.stereo`. Environment: `GATEWAY_PROFILES`, one per line
+    /// [default: none; the default 8 kHz topics are always published].
+    #[arg(long = "profile", value_name = "SPEC")]
+    pub profile: Vec<String>,
     /// Consecutive chunks of one track per Kafka record [default: 1].
     #[arg(long, env = "GATEWAY_FRAMES_PER_RECORD")]
     pub frames_per_record: Option<u32>,
@@ -219,6 +225,7 @@ struct FileConfig {
     playback_buffer: Option<String>,
     playback_max_bytes: Option<u64>,
     frames_per_record: Option<u32>,
+    profile: Option<Vec<String>>,
     audio_encoding: Option<String>,
     create_topics: Option<bool>,
     topic_partitions: Option<i32>,
@@ -509,6 +516,15 @@ impl Config {
         if kafka_options.iter().any(|o| o.key == "bootstrap.servers") {
             errors.push("--kafka-option: use --brokers instead of bootstrap.servers".into());
         }
+        // Profiles: the flags, else `GATEWAY_PROFILES` (one per line), else the file's list.
+        let profile_items = if !args.profile.is_empty() {
+            args.profile
+        } else if let Ok(text) = std::env::var("GATEWAY_PROFILES") {
+            text.lines().map(str::to_owned).collect()
+        } else {
+            file.profile.unwrap_or_default()
+        };
+        let profiles = crate::sink::profiles::parse_profiles(&profile_items, &mut errors);
         let frames_per_record = args
             .frames_per_record
             .or(file.frames_per_record)
@@ -840,6 +856,7 @@ impl Config {
                 drain_interval,
                 readiness_watermark,
                 spool,
+                profiles,
             },
             server: ServerConfig {
                 ws_path,
@@ -891,6 +908,16 @@ impl Config {
             ("log_level", q(&self.log_level)),
             ("frames_per_record", sink.frames_per_record.to_string()),
             ("audio_encoding", q(enc)),
+            (
+                "profile",
+                format!(
+                    "{:?}",
+                    sink.profiles
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                ),
+            ),
             ("create_topics", sink.create_topics.to_string()),
             ("topic_partitions", sink.topic_partitions.to_string()),
             ("topic_replication", sink.topic_replication.to_string()),

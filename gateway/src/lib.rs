@@ -19,6 +19,8 @@
 //! - [`events`]: the events-topic JSON contract.
 //! - [`playback`]: bidirectional streams: the playback topic consumer, per-stream downlinks,
 //!   and the writer under each WebSocket that sends media, marks and clears to Twilio.
+//! - [`profile`]: output profiles: per-stream resampling (16/24/48 kHz), f32/s16 samples and
+//!   stereo assembly of both tracks, published to each profile's own topics.
 //! - [`twilio_http`]: `/twilio/status` and `/twilio/voice`.
 //! - [`security`]: TLS (wss), Twilio signatures, the handshake rate limit.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` on their own listener.
@@ -38,6 +40,7 @@ pub mod http_reply;
 pub mod log_limit;
 pub mod metrics;
 pub mod playback;
+pub mod profile;
 pub mod protocol;
 pub mod security;
 pub mod server;

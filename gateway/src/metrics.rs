@@ -479,6 +479,14 @@ pub struct Metrics {
     pub frames_by_track: [IntCounter; Track::COUNT],
     /// `gateway_audio_records_published_total`.
     pub records_published: IntCounter,
+    /// `gateway_profile_records_total{outcome="published"}`: output-profile records accepted
+    /// into the Kafka path.
+    pub profile_records_published: IntCounter,
+    /// `gateway_profile_records_total{outcome="delivered"}`.
+    pub profile_records_delivered: IntCounter,
+    /// `gateway_profile_records_total{outcome="dropped"}`: refused by the budget, evicted,
+    /// failed or abandoned at shutdown.
+    pub profile_records_dropped: IntCounter,
     /// `gateway_frames_delivered_total`: chunks acknowledged by the broker.
     pub frames_delivered: IntCounter,
     /// `gateway_media_bytes_total`: decoded μ-law bytes received.
@@ -718,6 +726,16 @@ impl Metrics {
         build
             .with_label_values(&[env!("CARGO_PKG_VERSION"), gateway_id])
             .set(1);
+        let profile_records = IntCounterVec::new(
+            Opts::new(
+                "gateway_profile_records_total",
+                "Output-profile records by outcome (published, delivered, dropped).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(profile_records.clone()))
+            .expect("unique metric");
         let by_track = IntCounterVec::new(
             Opts::new(
                 "gateway_frames_published_by_track_total",
@@ -762,6 +780,9 @@ impl Metrics {
                 by_track.with_label_values(&["inbound"]),
                 by_track.with_label_values(&["outbound"]),
             ],
+            profile_records_published: profile_records.with_label_values(&["published"]),
+            profile_records_delivered: profile_records.with_label_values(&["delivered"]),
+            profile_records_dropped: profile_records.with_label_values(&["dropped"]),
             records_published: counter(
                 &r,
                 "gateway_audio_records_published_total",

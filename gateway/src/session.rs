@@ -85,6 +85,9 @@ pub trait Publisher {
     /// Counts one media chunk received with `bytes` of decoded μ-law (0 for an empty
     /// payload). Default: nothing.
     fn media_received(&mut self, _bytes: usize) {}
+    /// One non-empty chunk of a started stream, for the output profiles (`sink::profiles`);
+    /// called before the chunk's default-profile record. Default: nothing.
+    fn profile_chunk(&mut self, _chunk: &crate::sink::profiles::ProfileChunk<'_>) {}
     /// Twilio echoed mark `name`: `Some(false)` when it came back because of a `clear` the
     /// gateway sent, `Some(true)` when its audio played, `None` when the gateway did not send
     /// it. Default: `None`.
@@ -571,6 +574,15 @@ impl Session {
                 }
             }
         }
+        out.profile_chunk(&crate::sink::profiles::ProfileChunk {
+            track: m.track,
+            ulaw: &self.ulaw,
+            timestamp_ms: m.timestamp_ms,
+            seq: m.seq,
+            chunk: m.chunk,
+            contiguous: expected == Some(start),
+            received_at_us: at.unix_us,
+        });
         let first = FirstChunk {
             seq: m.seq,
             chunk: m.chunk,

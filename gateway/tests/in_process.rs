@@ -163,8 +163,11 @@ async fn a_stream_through_the_assembled_gateway_and_a_clean_drain() {
     ];
     let recs = tokio::task::spawn_blocking(move || {
         consume_until(&brokers, &tps, Duration::from_secs(20), |r| {
+            // Both streams' final events: they may sit in different partitions, fetched at
+            // different times.
             r.iter().filter(|x| x.topic.contains(".audio.")).count() >= 81
                 && count_events(r, "disconnect") >= 1
+                && count_events(r, "stop") >= 1
         })
     })
     .await
@@ -181,7 +184,14 @@ async fn a_stream_through_the_assembled_gateway_and_a_clean_drain() {
     let stop_ev = recs
         .iter()
         .find(|r| r.topic.ends_with(".events") && r.json()["type"] == "stop")
-        .unwrap()
+        .unwrap_or_else(|| {
+            let evs: Vec<String> = recs
+                .iter()
+                .filter(|r| r.topic.ends_with(".events"))
+                .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+                .collect();
+            panic!("no stop event among {evs:#?}")
+        })
         .json();
     assert_eq!(stop_ev["frames_delivered"], 80);
     assert_eq!(stop_ev["frames_received"], 80);

@@ -32,7 +32,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::delivery::{take_notes, DeliveryContext, DeliveryNote};
 use super::producer::{Headers, ProduceError, Producer};
-use super::record::{window_cost, Kind, SpoolRecord, FLAG_PLAYBACK};
+use super::record::{window_cost, Kind, SpoolRecord, FLAG_PLAYBACK, FLAG_PROFILE};
 use super::spool::{Spool, Ticket};
 use super::stream::StreamEntry;
 use super::{OverflowPolicy, Shared, TopicKind, Topics};
@@ -379,6 +379,12 @@ impl Drain {
 
     /// Counts a record's chunks as dropped and settles it for its stream.
     fn drop_audio(&mut self, r: &SpoolRecord, reason: DropReason) {
+        if r.flags & FLAG_PROFILE != 0 {
+            // Profile records are not frames Twilio sent: only settled (module `profiles`).
+            self.shared.metrics.profile_records_dropped.inc();
+            self.audio_settled(r.stream.as_ref());
+            return;
+        }
         if r.flags & FLAG_PLAYBACK != 0 {
             if let Some(s) = &r.stream {
                 s.playback_dropped
@@ -628,6 +634,11 @@ impl Drain {
             }
         }
         match r.kind {
+            Kind::Audio if r.flags & FLAG_PROFILE != 0 => {
+                m.profile_records_delivered.inc();
+                let stream = r.stream.clone();
+                self.audio_settled(stream.as_ref());
+            }
             Kind::Audio if r.flags & FLAG_PLAYBACK != 0 => {
                 // Played audio: its own accounting (it is not audio Twilio sent).
                 if let Some(s) = &r.stream {
@@ -673,6 +684,11 @@ impl Drain {
             tracing::warn!(stream_sid = sid, topic, error = %code, chunks = r.chunks, suppressed, "delivery failed");
         }
         match r.kind {
+            Kind::Audio if r.flags & FLAG_PROFILE != 0 => {
+                self.shared.metrics.profile_records_dropped.inc();
+                let stream = r.stream.clone();
+                self.audio_settled(stream.as_ref());
+            }
             Kind::Audio if r.flags & FLAG_PLAYBACK != 0 => {
                 if let Some(s) = &r.stream {
                     s.playback_dropped
@@ -759,6 +775,12 @@ impl Drain {
         for f in resend.into_iter().rev() {
             if let Some(s) = &f.record.stream {
                 s.backlog.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if f.record.kind == Kind::Event {
+                    // Counted for the terminal when it was produced; counted again when it is
+                    // re-sent (`produce`).
+                    s.outstanding
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             self.rescued.push_front((f.record, f.ticket));
         }
@@ -866,6 +888,9 @@ impl Drain {
 
     fn abandon(&mut self, r: SpoolRecord, report: &mut FinishReport) {
         match r.kind {
+            Kind::Audio if r.flags & FLAG_PROFILE != 0 => {
+                self.shared.metrics.profile_records_dropped.inc();
+            }
             Kind::Audio if r.flags & FLAG_PLAYBACK != 0 => {
                 if let Some(s) = &r.stream {
                     s.playback_dropped
@@ -990,7 +1015,10 @@ fn audio_headers(
         h.add("call_sid", s.ids.call_sid.as_bytes());
         h.add("account_sid", s.ids.account_sid.as_bytes());
     }
-    h.add("track", r.track().as_str().as_bytes());
+    h.add(
+        "track",
+        super::profiles::track_header(*channels, r.track()).as_bytes(),
+    );
     h.add("seq", n.format(r.seq).as_bytes());
     h.add("chunk", n.format(r.chunk).as_bytes());
     h.add("timestamp_ms", n.format(r.timestamp_ms).as_bytes());
@@ -999,7 +1027,8 @@ fn audio_headers(
     h.add("channels", n.format(*channels).as_bytes());
     h.add("gateway", gateway_id.as_bytes());
     h.add("received_at_us", n.format(r.received_at_us).as_bytes());
-    if batching || r.chunks != 1 {
+    // Profile records always say how many chunks they cover.
+    if batching || r.chunks != 1 || profile.is_some() {
         h.add("chunks", n.format(r.chunks).as_bytes());
     }
     if let Some(p) = profile {

@@ -23,6 +23,7 @@ pub mod drain;
 pub mod kafka_config;
 pub mod probe;
 pub mod producer;
+pub mod profiles;
 pub mod publisher;
 pub mod record;
 pub mod spool;
@@ -178,7 +179,9 @@ impl TopicSpec {
     /// `inbound`/`outbound` for audio topics, `events` otherwise (replay index label).
     pub fn track_label(&self) -> &'static str {
         match &self.kind {
-            TopicKind::Audio { track, .. } => track.as_str(),
+            TopicKind::Audio {
+                track, channels, ..
+            } => profiles::track_header(*channels, *track),
             TopicKind::Events => "events",
         }
     }
@@ -281,6 +284,8 @@ pub struct SinkConfig {
     pub readiness_watermark: f64,
     /// The spool (`--spool-*`).
     pub spool: spool::SpoolConfig,
+    /// Output profiles (`--profile`), each on its own topics after the default ones.
+    pub profiles: Vec<crate::profile::ProfileSpec>,
 }
 
 /// Largest window librdkafka's queue limits can describe (`queue.buffering.max.kbytes` is
@@ -305,12 +310,21 @@ impl SinkConfig {
             drain_interval: Duration::from_millis(1),
             readiness_watermark: 0.8,
             spool: spool::SpoolConfig::memory_only(),
+            profiles: Vec::new(),
         }
     }
 
-    /// The topics by slot.
+    /// The topics by slot: the default ones, then each profile's.
     pub fn topics(&self) -> Topics {
+        let mut topics = Topics::new(&self.topic_prefix, self.audio_encoding);
+        topics.add_profiles(&self.topic_prefix, &self.profiles);
+        topics
+    }
+
+    /// Each profile with its topic slots (as in [`topics`](Self::topics)).
+    pub fn profile_slots(&self) -> Vec<profiles::ProfileSlot> {
         Topics::new(&self.topic_prefix, self.audio_encoding)
+            .add_profiles(&self.topic_prefix, &self.profiles)
     }
 
     /// The effective window (never more than half the budget).
@@ -365,6 +379,8 @@ pub struct Shared {
     pub frames_per_record: u32,
     /// Topics by slot.
     pub topics: Topics,
+    /// Output profiles and their topic slots (empty: none configured).
+    pub profiles: Vec<profiles::ProfileSlot>,
     /// False from a fatal producer error until the producer is rebuilt.
     pub producer_healthy: AtomicBool,
     /// Result of the last broker probe.
@@ -421,6 +437,7 @@ impl Sink {
             overflow: cfg.overflow,
             frames_per_record: cfg.frames_per_record,
             topics: topics.clone(),
+            profiles: cfg.profile_slots(),
             producer_healthy: AtomicBool::new(true),
             brokers_reachable: AtomicBool::new(false),
             spool_over_watermark: AtomicBool::new(false),

@@ -9,6 +9,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::profiles::{ProfileChunk, ProfilePublisher};
 use super::record::{Kind, SpoolRecord};
 use super::stream::StreamEntry;
 use super::{OverflowPolicy, Sink, Topics};
@@ -33,6 +34,8 @@ pub struct ConnectionPublisher {
     backpressure_close: bool,
     /// The stream's downlink (bidirectional streams), when playback is on.
     downlink: Option<Downlink>,
+    /// The stream's output profiles, once `start` arrived (`None` when none is configured).
+    profiles: Option<ProfilePublisher>,
 }
 
 impl ConnectionPublisher {
@@ -45,6 +48,7 @@ impl ConnectionPublisher {
             logged_drop: false,
             backpressure_close: false,
             downlink: None,
+            profiles: None,
         }
     }
 
@@ -77,8 +81,11 @@ impl ConnectionPublisher {
 
     fn entry(&mut self, ids: &StreamIds) -> &Arc<StreamEntry> {
         let sink = &self.sink;
-        self.stream
-            .get_or_insert_with(|| sink.new_stream(ids.clone()))
+        let profiles = &mut self.profiles;
+        self.stream.get_or_insert_with(|| {
+            *profiles = ProfilePublisher::new(&sink.shared.profiles);
+            sink.new_stream(ids.clone())
+        })
     }
 
     /// Sends an event record (never refused for budget reasons).
@@ -163,6 +170,10 @@ impl Publisher for ConnectionPublisher {
             ..
         } = &ev.body
         {
+            // The profiles' last records go first: the terminal event waits for them.
+            if let (Some(p), Some(s)) = (self.profiles.as_mut(), stream.as_ref()) {
+                p.finish(&self.sink, s, ev.at_us);
+            }
             // Rendered by the drain thread once the stream's audio is settled.
             let playback = self.downlink.as_ref().and_then(|d| {
                 let mut summary = d.shared.counters.summary()?;
@@ -217,6 +228,12 @@ impl Publisher for ConnectionPublisher {
         self.sink.shared.metrics.dropped[reason].inc_by(n);
         if let Some(s) = &self.stream {
             s.drop_frames(reason, n);
+        }
+    }
+
+    fn profile_chunk(&mut self, chunk: &ProfileChunk<'_>) {
+        if let (Some(p), Some(s)) = (self.profiles.as_mut(), self.stream.as_ref()) {
+            p.push(&self.sink, s, chunk);
         }
     }
 

@@ -28,6 +28,8 @@ pub enum Kind {
 /// Flag: audio the gateway played into the call (published with `source: playback`).
 pub const FLAG_PLAYBACK: u8 = 1;
 
+pub use super::profiles::FLAG_PROFILE;
+
 /// One record in the compact form.
 #[derive(Debug)]
 pub struct SpoolRecord {

@@ -930,6 +930,8 @@ impl DiskTier {
                         let chunks = meta.chunks as u64;
                         if meta.flags & FLAG_PLAYBACK != 0 {
                             s.playback_recorded.fetch_add(chunks, Relaxed);
+                        } else if meta.flags & crate::sink::record::FLAG_PROFILE != 0 {
+                            // A profile's rendering of chunks counted as audio already.
                         } else if rs.as_ref().is_some_and(|r| !r.counters) {
                             // No snapshot (the stream was cut by the crash): count what the
                             // spool held.
