@@ -617,3 +617,99 @@ async fn a_full_disk_is_counted_and_handled_by_the_overflow_policy() {
         .sum();
     assert_eq!(dropped_metric as u64, dropped, "metrics equal the events");
 }
+
+/// `--overflow drop-oldest` with a disk tier that fills up: the oldest spooled audio (on disk)
+/// is evicted, never events; the newest audio of every call arrives; every chunk is delivered
+/// or counted, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_evicts_the_oldest_spooled_audio_never_events() {
+    let _g = SERIAL.lock().await;
+    let dir = TempDir::new("oldest");
+    let gw = Gateway::start(
+        "spool-oldest",
+        &[
+            "--overflow",
+            "drop-oldest",
+            "--spool-dir",
+            dir.s(),
+            "--spool-max-bytes",
+            "1048576",
+            "--spool-memory-bytes",
+            "65536",
+            "--spool-spill-after",
+            "100ms",
+            "--max-inflight-bytes",
+            "2097152",
+            "--kafka-window-bytes",
+            "1048576",
+        ],
+    );
+    let audio = Arc::new(speech());
+    // 16 calls × 100 chunks/s × 9 s of outage ≈ 14,400 records: more than the memory tier
+    // (1 MiB), the disk tier (1 MiB) and librdkafka's window (1 MiB) hold together.
+    let sids: Vec<String> = (0..16).map(|i| sid("MZ", 16_000 + i)).collect();
+    let secs = 11;
+    let calls: Vec<_> = sids
+        .iter()
+        .map(|s| {
+            tokio::spawn(realtime_call(
+                gw.port,
+                s.clone(),
+                ACCOUNT,
+                secs,
+                audio.clone(),
+                true,
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let outage = Outage::begin();
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    outage.end();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), secs * 50);
+    }
+    let n = sids.len();
+    let recs = consume(&gw, all_topics(&gw), 90, move |r| {
+        count_events(r, "stop") >= n
+    })
+    .await;
+    assert_eq!(count_events(&recs, "start"), n, "events are never evicted");
+    let terms = terminal_events(&recs);
+    // Evicted chunks were accepted (published) first: the identity is delivered + dropped.
+    let (mut delivered, mut dropped) = (0, 0);
+    for s in &sids {
+        let t = &terms[s];
+        assert_eq!(t.len(), 1, "{s}: exactly one terminal event");
+        delivered += t[0]["frames_delivered"].as_u64().unwrap();
+        dropped += t[0]["frames_dropped"].as_u64().unwrap();
+    }
+    assert_eq!(delivered + dropped, n as u64 * secs * 50 * 2);
+    assert!(dropped > 0, "the spool should have overflowed");
+    assert_eq!(
+        gw.metric("gateway_frames_dropped_total{reason=\"evicted\"}") as u64,
+        dropped,
+        "every drop is an eviction of spooled audio"
+    );
+    let want = delivered as usize;
+    let recs = consume(&gw, audio_topics(&gw), 60, move |r| r.len() >= want).await;
+    assert_eq!(
+        recs.len(),
+        want,
+        "consumer finds exactly what was delivered"
+    );
+    for s in &sids {
+        for track in ["inbound", "outbound"] {
+            let mine = track_of(&recs, s, track);
+            let mut last = 0;
+            for r in &mine {
+                let chunk: u64 = r.h("chunk").parse().unwrap();
+                assert!(chunk > last, "{s} {track}: order");
+                last = chunk;
+                assert_eq!(r.value, ulaw_to_pcm(chunk_audio(&audio, chunk)));
+            }
+            // The newest audio is kept: the call's last chunk arrived.
+            assert_eq!(last, secs * 50, "{s} {track}: newest audio kept");
+        }
+    }
+}
