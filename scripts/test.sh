@@ -9,3 +9,6 @@ cd "$ROOT"
 rustup component list --installed 2>/dev/null | grep -q rustfmt && cargo fmt --all -- --check
 rustup component list --installed 2>/dev/null | grep -q clippy && cargo clippy --release --workspace --all-targets -- -D warnings
 cargo test --release --workspace
+# The reference transcription pipeline end to end through the real gateway (issue 11):
+# espeak-ng speech → Twilio simulator → gateway (16 kHz profile) → Kafka → pocketsphinx.
+"$ROOT/examples/transcribe/gateway_e2e.sh"
