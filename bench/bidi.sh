@@ -29,6 +29,7 @@ target/release/loadtest bidirectional --url ws://127.0.0.1:$GP/stream --streams 
   --duration "$SECS" --verify-brokers 127.0.0.1:$BP --topic-prefix bidi \
   --audio ../shared/fixtures/speech-8k.ulaw --latency-probe --echo-merge-burst \
   --json-out "$OUT" --quiet >/dev/null 2>&1 || true
+curl -fs http://127.0.0.1:$AP/metrics | grep -E "^gateway_playback_(read_)?latency_seconds_(bucket|count|sum)" > "$OUT.gateway-metrics" || true
 python3 - "$OUT" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
