@@ -262,7 +262,7 @@ mod tests {
         let mut codes = Vec::with_capacity(320);
         let mut samples = Vec::with_capacity(160);
         let mut bytes = Vec::with_capacity(320);
-        let allocations = crate::test_alloc::count(|| {
+        let allocations = crate::alloc_count::count(|| {
             encode_into(&pcm, &mut codes);
             encode_pcm16le_into(&le, &mut codes);
             decode_into(&codes[..160], &mut samples);

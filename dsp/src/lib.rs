@@ -13,7 +13,7 @@
 //! response and the benchmark against `rubato`.
 
 // The only unsafe code is the allocation-counting allocator of the test build.
-#![cfg_attr(not(test), forbid(unsafe_code))]
+#![cfg_attr(not(any(test, feature = "alloc-count")), forbid(unsafe_code))]
 #![warn(missing_docs)]
 
 pub mod analysis;
@@ -23,16 +23,19 @@ pub mod resample;
 
 pub use resample::Upsampler;
 
-/// Allocation counting for the "no allocation on the hot path" tests.
+/// Allocation counting for the "no allocation on the hot path" tests (this crate's and the
+/// gateway's): install [`alloc_count::Counting`] as the test binary's `#[global_allocator]` and
+/// wrap the code under test in [`alloc_count::count`].
 ///
 /// The counter is per thread, so tests running in parallel on other threads do not disturb
 /// each other's counts.
-#[cfg(test)]
-pub(crate) mod test_alloc {
+#[cfg(any(test, feature = "alloc-count"))]
+pub mod alloc_count {
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::cell::Cell;
 
-    struct Counting;
+    /// The counting allocator (forwards to the system allocator).
+    pub struct Counting;
 
     thread_local! {
         // `const` initialisation: no lazy init and no destructor, so touching it from inside the
@@ -70,12 +73,13 @@ pub(crate) mod test_alloc {
         }
     }
 
+    #[cfg(test)]
     #[global_allocator]
     static GLOBAL: Counting = Counting;
 
     /// Runs `f` and returns how many allocations (including reallocations) it made on this
     /// thread.
-    pub(crate) fn count(f: impl FnOnce()) -> u64 {
+    pub fn count(f: impl FnOnce()) -> u64 {
         let before = ALLOCATIONS.with(Cell::get);
         f();
         ALLOCATIONS.with(Cell::get) - before

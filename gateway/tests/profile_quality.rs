@@ -17,7 +17,7 @@
 
 use std::f64::consts::{PI, TAU};
 
-use dsp::analysis::{blackman_harris, db, tone_amplitude};
+use dsp::analysis::{blackman_harris, db, fft, tone_amplitude};
 use dsp::g711;
 use dsp::resample::{Upsampler, PASSBAND_RIPPLE_DB, STOPBAND_EDGE_HZ};
 use gateway::profile::{Channel, Layout, ProfileRecord, ProfileSpec, ProfileStream, SampleFormat};
@@ -27,55 +27,9 @@ use gateway::profile::{Channel, Layout, ProfileRecord, ProfileSpec, ProfileStrea
 const IMAGE_BOUND_DB: f64 = -70.0;
 
 // ---------------------------------------------------------------------------------------------
-// Counting allocator: steady streaming must not allocate.
+// Counting allocator (dsp's): steady streaming must not allocate.
 
-mod counting {
-    use std::alloc::{GlobalAlloc, Layout, System};
-    use std::cell::Cell;
-
-    pub struct Counting;
-
-    thread_local! {
-        // Per thread, so tests running in parallel do not disturb each other's counts; `const`
-        // so that touching it from inside the allocator cannot allocate.
-        static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-    }
-
-    fn bump() {
-        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
-    }
-
-    // SAFETY: every call is forwarded unchanged to the system allocator; the counter is a plain
-    // thread-local cell.
-    unsafe impl GlobalAlloc for Counting {
-        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            bump();
-            // SAFETY: same contract as our caller's.
-            unsafe { System.alloc(layout) }
-        }
-        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-            // SAFETY: same contract as our caller's.
-            unsafe { System.dealloc(ptr, layout) }
-        }
-        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-            bump();
-            // SAFETY: same contract as our caller's.
-            unsafe { System.alloc_zeroed(layout) }
-        }
-        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-            bump();
-            // SAFETY: same contract as our caller's.
-            unsafe { System.realloc(ptr, layout, new_size) }
-        }
-    }
-
-    /// Allocations (and reallocations) `f` makes on this thread.
-    pub fn count(f: impl FnOnce()) -> u64 {
-        let before = ALLOCATIONS.with(Cell::get);
-        f();
-        ALLOCATIONS.with(Cell::get) - before
-    }
-}
+use dsp::alloc_count as counting;
 
 #[global_allocator]
 static GLOBAL: counting::Counting = counting::Counting;
@@ -245,42 +199,6 @@ fn one_shot(rate: u32, pcm: &[i16]) -> Vec<f32> {
     up.process(pcm, &mut out);
     up.flush(&mut out);
     out
-}
-
-/// In-place iterative radix-2 FFT; `re.len()` must be a power of two.
-fn fft(re: &mut [f64], im: &mut [f64]) {
-    let n = re.len();
-    assert!(n.is_power_of_two() && im.len() == n);
-    // Bit-reversal permutation.
-    let mut j = 0usize;
-    for i in 1..n {
-        let mut bit = n >> 1;
-        while j & bit != 0 {
-            j ^= bit;
-            bit >>= 1;
-        }
-        j |= bit;
-        if i < j {
-            re.swap(i, j);
-            im.swap(i, j);
-        }
-    }
-    let mut len = 2;
-    while len <= n {
-        let step = -TAU / len as f64;
-        for base in (0..n).step_by(len) {
-            for k in 0..len / 2 {
-                let (s, c) = (step * k as f64).sin_cos();
-                let (a, b) = (base + k, base + k + len / 2);
-                let (tr, ti) = (re[b] * c - im[b] * s, re[b] * s + im[b] * c);
-                re[b] = re[a] - tr;
-                im[b] = im[a] - ti;
-                re[a] += tr;
-                im[a] += ti;
-            }
-        }
-        len <<= 1;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -96,6 +96,28 @@ fn kill9(gw: &mut Gateway) {
     let _ = gw.child.wait();
 }
 
+/// One real-time call per SID (see `realtime_call`), all started now.
+fn spawn_calls(
+    port: u16,
+    sids: &[String],
+    secs: u64,
+    audio: &Arc<Vec<u8>>,
+    both: bool,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    sids.iter()
+        .map(|s| {
+            tokio::spawn(realtime_call(
+                port,
+                s.clone(),
+                ACCOUNT,
+                secs,
+                audio.clone(),
+                both,
+            ))
+        })
+        .collect()
+}
+
 fn audio_topics(gw: &Gateway) -> Vec<String> {
     vec![
         format!("{}.audio.inbound", gw.prefix),
@@ -124,6 +146,47 @@ fn terminal_events(recs: &[Record]) -> HashMap<String, Vec<serde_json::Value>> {
         }
     }
     out
+}
+
+/// Sums over each stream's single terminal event: (published, delivered, dropped).
+fn terminal_totals(recs: &[Record], sids: &[String]) -> (u64, u64, u64) {
+    let terms = terminal_events(recs);
+    let mut sums = (0, 0, 0);
+    for s in sids {
+        let t = &terms[s];
+        assert_eq!(t.len(), 1, "{s}: exactly one terminal event");
+        sums.0 += t[0]["frames_published"].as_u64().unwrap();
+        sums.1 += t[0]["frames_delivered"].as_u64().unwrap();
+        sums.2 += t[0]["frames_dropped"].as_u64().unwrap();
+    }
+    sums
+}
+
+/// Each stream's chunks per track arrive in increasing order and bit-exact; returns the last
+/// chunk number per stream and track.
+fn check_ordered_bit_exact(
+    recs: &[Record],
+    sids: &[String],
+    audio: &[u8],
+) -> HashMap<(String, &'static str), u64> {
+    let mut last_of = HashMap::new();
+    for s in sids {
+        for track in ["inbound", "outbound"] {
+            let mut last = 0;
+            for r in track_of(recs, s, track) {
+                let chunk: u64 = r.h("chunk").parse().unwrap();
+                assert!(chunk > last, "{s} {track}: order");
+                last = chunk;
+                assert_eq!(
+                    r.value,
+                    ulaw_to_pcm(chunk_audio(audio, chunk)),
+                    "{s} {track} {chunk}"
+                );
+            }
+            last_of.insert((s.clone(), track), last);
+        }
+    }
+    last_of
 }
 
 async fn consume(
@@ -165,19 +228,7 @@ async fn an_outage_rides_on_disk_and_everything_arrives_once_in_order_bit_exact(
     let audio = Arc::new(speech());
     let sids: Vec<String> = (0..20).map(|i| sid("MZ", 12_000 + i)).collect();
     let secs = 12;
-    let calls: Vec<_> = sids
-        .iter()
-        .map(|s| {
-            tokio::spawn(realtime_call(
-                gw.port,
-                s.clone(),
-                ACCOUNT,
-                secs,
-                audio.clone(),
-                true,
-            ))
-        })
-        .collect();
+    let calls = spawn_calls(gw.port, &sids, secs, &audio, true);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let outage = Outage::begin();
     tokio::time::sleep(Duration::from_secs(7)).await;
@@ -252,19 +303,7 @@ async fn outage_then_kill(
     let audio = Arc::new(speech());
     let sids: Vec<String> = (0..n).map(|i| sid("MZ", first + i)).collect();
     // One second of healthy traffic first: the start events and some audio are delivered.
-    let calls: Vec<_> = sids
-        .iter()
-        .map(|s| {
-            tokio::spawn(realtime_call(
-                gw.port,
-                s.clone(),
-                ACCOUNT,
-                secs,
-                audio.clone(),
-                false,
-            ))
-        })
-        .collect();
+    let calls = spawn_calls(gw.port, &sids, secs, &audio, false);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let outage = Outage::begin();
     for c in calls {
@@ -551,19 +590,7 @@ async fn a_full_disk_is_counted_and_handled_by_the_overflow_policy() {
     let audio = Arc::new(speech());
     let sids: Vec<String> = (0..12).map(|i| sid("MZ", 15_000 + i)).collect();
     let secs = 10;
-    let calls: Vec<_> = sids
-        .iter()
-        .map(|s| {
-            tokio::spawn(realtime_call(
-                gw.port,
-                s.clone(),
-                ACCOUNT,
-                secs,
-                audio.clone(),
-                true,
-            ))
-        })
-        .collect();
+    let calls = spawn_calls(gw.port, &sids, secs, &audio, true);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let outage = Outage::begin();
     tokio::time::sleep(Duration::from_secs(8)).await;
@@ -583,15 +610,7 @@ async fn a_full_disk_is_counted_and_handled_by_the_overflow_policy() {
     })
     .await;
     assert_eq!(count_events(&recs, "start"), n, "events are never dropped");
-    let terms = terminal_events(&recs);
-    let mut published = 0;
-    let mut dropped = 0;
-    for s in &sids {
-        let t = &terms[s];
-        assert_eq!(t.len(), 1, "{s}: exactly one terminal event");
-        published += t[0]["frames_published"].as_u64().unwrap();
-        dropped += t[0]["frames_dropped"].as_u64().unwrap();
-    }
+    let (published, _, dropped) = terminal_totals(&recs, &sids);
     assert_eq!(published + dropped, n as u64 * secs * 50 * 2);
     assert!(dropped > 0, "the memory budget should have run out");
     let want = published as usize;
@@ -601,16 +620,7 @@ async fn a_full_disk_is_counted_and_handled_by_the_overflow_policy() {
         want,
         "consumer finds exactly what was published"
     );
-    for s in &sids {
-        for track in ["inbound", "outbound"] {
-            let mut last = 0;
-            for r in track_of(&recs, s, track) {
-                let chunk: u64 = r.h("chunk").parse().unwrap();
-                assert!(chunk > last, "{s} {track}: order");
-                last = chunk;
-            }
-        }
-    }
+    check_ordered_bit_exact(&recs, &sids, &audio);
     let dropped_metric: f64 = ["queue_full", "evicted"]
         .iter()
         .map(|r| gw.metric(&format!("gateway_frames_dropped_total{{reason=\"{r}\"}}")))
@@ -649,19 +659,7 @@ async fn drop_oldest_evicts_the_oldest_spooled_audio_never_events() {
     // (1 MiB), the disk tier (1 MiB) and librdkafka's window (1 MiB) hold together.
     let sids: Vec<String> = (0..16).map(|i| sid("MZ", 16_000 + i)).collect();
     let secs = 11;
-    let calls: Vec<_> = sids
-        .iter()
-        .map(|s| {
-            tokio::spawn(realtime_call(
-                gw.port,
-                s.clone(),
-                ACCOUNT,
-                secs,
-                audio.clone(),
-                true,
-            ))
-        })
-        .collect();
+    let calls = spawn_calls(gw.port, &sids, secs, &audio, true);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let outage = Outage::begin();
     tokio::time::sleep(Duration::from_secs(9)).await;
@@ -675,15 +673,8 @@ async fn drop_oldest_evicts_the_oldest_spooled_audio_never_events() {
     })
     .await;
     assert_eq!(count_events(&recs, "start"), n, "events are never evicted");
-    let terms = terminal_events(&recs);
     // Evicted chunks were accepted (published) first: the identity is delivered + dropped.
-    let (mut delivered, mut dropped) = (0, 0);
-    for s in &sids {
-        let t = &terms[s];
-        assert_eq!(t.len(), 1, "{s}: exactly one terminal event");
-        delivered += t[0]["frames_delivered"].as_u64().unwrap();
-        dropped += t[0]["frames_dropped"].as_u64().unwrap();
-    }
+    let (_, delivered, dropped) = terminal_totals(&recs, &sids);
     assert_eq!(delivered + dropped, n as u64 * secs * 50 * 2);
     assert!(dropped > 0, "the spool should have overflowed");
     assert_eq!(
@@ -698,18 +689,8 @@ async fn drop_oldest_evicts_the_oldest_spooled_audio_never_events() {
         want,
         "consumer finds exactly what was delivered"
     );
-    for s in &sids {
-        for track in ["inbound", "outbound"] {
-            let mine = track_of(&recs, s, track);
-            let mut last = 0;
-            for r in &mine {
-                let chunk: u64 = r.h("chunk").parse().unwrap();
-                assert!(chunk > last, "{s} {track}: order");
-                last = chunk;
-                assert_eq!(r.value, ulaw_to_pcm(chunk_audio(&audio, chunk)));
-            }
-            // The newest audio is kept: the call's last chunk arrived.
-            assert_eq!(last, secs * 50, "{s} {track}: newest audio kept");
-        }
+    for ((s, track), last) in check_ordered_bit_exact(&recs, &sids, &audio) {
+        // The newest audio is kept: the call's last chunk arrived.
+        assert_eq!(last, secs * 50, "{s} {track}: newest audio kept");
     }
 }

@@ -3,7 +3,7 @@
 //! time alignment and allocation behaviour. Deterministic (fixed-seed generator), no timing.
 
 use super::*;
-use crate::analysis::{blackman_harris, db, tone_amplitude};
+use crate::analysis::{blackman_harris, db, fft, tone_amplitude};
 use std::f64::consts::{PI, TAU};
 
 const FACTORS: [usize; 3] = [2, 3, 6];
@@ -197,41 +197,6 @@ fn tones_keep_their_level_and_images_stay_below_the_stopband_bound() {
             }
             println!("L={factor} {freq} Hz: gain {gain_db:+.5} dB, worst image {worst:.1} dB");
         }
-    }
-}
-
-/// In-place iterative radix-2 FFT (decimation in time); `re.len()` must be a power of two.
-fn fft(re: &mut [f64], im: &mut [f64]) {
-    let n = re.len();
-    assert!(n.is_power_of_two() && im.len() == n);
-    let mut j = 0;
-    for i in 1..n {
-        let mut bit = n >> 1;
-        while j & bit != 0 {
-            j ^= bit;
-            bit >>= 1;
-        }
-        j |= bit;
-        if i < j {
-            re.swap(i, j);
-            im.swap(i, j);
-        }
-    }
-    let mut len = 2;
-    while len <= n {
-        let angle = -TAU / len as f64;
-        for start in (0..n).step_by(len) {
-            for k in 0..len / 2 {
-                let (s, c) = (angle * k as f64).sin_cos();
-                let (a, b) = (start + k, start + k + len / 2);
-                let (tr, ti) = (re[b] * c - im[b] * s, re[b] * s + im[b] * c);
-                re[b] = re[a] - tr;
-                im[b] = im[a] - ti;
-                re[a] += tr;
-                im[a] += ti;
-            }
-        }
-        len <<= 1;
     }
 }
 
@@ -518,7 +483,7 @@ fn process_and_flush_do_not_allocate_once_out_has_capacity() {
     for factor in [1, 2, 3, 6] {
         let mut up = upsampler(factor);
         let mut out = Vec::with_capacity(factor * 160 * 20);
-        let allocations = crate::test_alloc::count(|| {
+        let allocations = crate::alloc_count::count(|| {
             for _ in 0..19 {
                 up.process(&chunk, &mut out);
             }
