@@ -2,6 +2,8 @@
 # Latency and CPU against linger.ms at one load: for each value, a fresh broker and gateway,
 # STREAMS real-time calls for SECS with full verification and the sampled latency probe.
 # Usage: bench/linger_curve.sh [STREAMS=500] [SECS=60] [LINGERS="5 10 20 50"] [TRACKS=both]
+#   env GATEWAY_ARGS / LOADTEST_ARGS: extra flags (e.g. LOADTEST_ARGS="--verify-fetch-wait-ms
+#   100" keeps the full verifier's fetches off the broker the probe measures).
 # Prints per value: e2e p50/p99 (verifier, and the independent probe), harness lag, gateway
 # CPU µs per media message, loss.
 set -euo pipefail
@@ -31,7 +33,7 @@ for L in $LINGERS; do
   c0=$(awk '{print $14 + $15}' /proc/$G/stat)
   target/release/loadtest steady --url ws://127.0.0.1:$GP/stream --streams "$STREAMS" --duration "$SECS" \
     --tracks "$TRACKS" --ramp-per-sec 100 --audio ../shared/fixtures/speech-8k.ulaw \
-    --verify-brokers 127.0.0.1:$BP --topic-prefix "lc$L" --latency-probe --json-out "$OUT" --quiet \
+    --verify-brokers 127.0.0.1:$BP --topic-prefix "lc$L" --latency-probe --json-out "$OUT" --quiet ${LOADTEST_ARGS:-} \
     >/dev/null 2>&1 || true
   c1=$(awk '{print $14 + $15}' /proc/$G/stat)
   kill $G $B 2>/dev/null; wait $G $B 2>/dev/null || true

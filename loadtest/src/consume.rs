@@ -61,12 +61,26 @@ pub fn assign_at_end(
     topics: &[String],
     only_partition: Option<i32>,
 ) -> Result<Assignment, KafkaError> {
+    assign_at_end_skipping(consumer, topics, only_partition, &[])
+}
+
+/// [`assign_at_end`] leaving out the topics at the indices in `skip` (their indices stay
+/// valid for [`topic_index`]; nothing is read from them).
+pub fn assign_at_end_skipping(
+    consumer: &BaseConsumer,
+    topics: &[String],
+    only_partition: Option<i32>,
+    skip: &[usize],
+) -> Result<Assignment, KafkaError> {
     let mut tpl = TopicPartitionList::new();
     let mut out = Assignment {
         topics: topics.to_vec(),
         ..Default::default()
     };
     for (ti, topic) in topics.iter().enumerate() {
+        if skip.contains(&ti) {
+            continue;
+        }
         let md = consumer.fetch_metadata(Some(topic), META_TIMEOUT)?;
         let mut parts: Vec<i32> = md
             .topics()

@@ -71,6 +71,9 @@ pub struct EchoConfig {
     pub stop_after: Duration,
     /// Producer `linger.ms`.
     pub linger_ms: u32,
+    /// Consumer `fetch.wait.max.ms`. The bot plays by due time (`delay` after receipt), so
+    /// its fetch wait is off the measured path as long as it stays well below `delay`.
+    pub fetch_wait_ms: u32,
 }
 
 impl Default for EchoConfig {
@@ -85,6 +88,7 @@ impl Default for EchoConfig {
             stop_every: 0,
             stop_after: Duration::from_secs(5),
             linger_ms: 1,
+            fetch_wait_ms: 5,
         }
     }
 }
@@ -176,7 +180,7 @@ impl EchoBot {
         cfg: EchoConfig,
         dl: DownlinkSender,
     ) -> Result<EchoBot, EchoError> {
-        let consumer: BaseConsumer = low_latency_consumer(brokers, 5).create()?;
+        let consumer: BaseConsumer = low_latency_consumer(brokers, cfg.fetch_wait_ms).create()?;
         let topics = vec![
             format!("{topic_prefix}.events"),
             format!("{topic_prefix}.audio.inbound"),

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 /// Twilio Media Streams load generator and end-to-end verifier.
 #[derive(Parser, Debug)]
-#[command(name = "loadtest", version)]
+#[command(name = "loadtest", version, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     scenario: Cmd,
@@ -191,6 +191,18 @@ struct Common {
     /// Records the verifier may hold between receipt and verification.
     #[arg(long, default_value_t = 65_536)]
     verify_queue: usize,
+    /// fetch.wait.max.ms of the verifier's and the echo bot's consumers. Neither is the
+    /// latency measurement (the probe and the simulator's receipt stamps are); against the
+    /// local Tansu broker, whose every fetch with data lists all stored batches of the
+    /// partition, a longer wait takes load off the broker the measurement shares.
+    #[arg(long, default_value_t = 10)]
+    verify_fetch_wait_ms: u32,
+    /// Do not read back <prefix>.audio.inbound (inbound chunks are then neither expected nor
+    /// missing; the report says so). For runs that measure something else, such as the
+    /// bidirectional playback latency, on a broker that cannot afford a second full uplink
+    /// reader beside the echo bot.
+    #[arg(long)]
+    no_verify_inbound: bool,
     /// Seconds to wait for late records after the last stream.
     #[arg(long, default_value_t = 5.0)]
     grace: f64,
@@ -252,6 +264,8 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, RunOptions, &Common), Vec<St
                 stop_every: echo.stop_every,
                 stop_after: s(echo.stop_after.unwrap_or(half_call), "stop-after"),
                 linger_ms: echo.echo_linger_ms,
+                // Replaced by --verify-fetch-wait-ms when the scenario starts the bot.
+                fetch_wait_ms: EchoConfig::default().fetch_wait_ms,
             };
             if echo.echo_burst == 0 {
                 errs.push("--echo-burst must be at least 1".into());
@@ -399,6 +413,8 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, RunOptions, &Common), Vec<St
         }),
         lag_every: durs[4],
         verify_queue: c.verify_queue.max(1),
+        verify_fetch_wait_ms: c.verify_fetch_wait_ms,
+        verify_inbound: !c.no_verify_inbound,
     };
     Ok((scenario, cfg, opts, c))
 }

@@ -303,6 +303,12 @@ impl Report {
                     a.gateway_to_receipt_p99_ms
                 );
             }
+            if v.inbound_not_verified {
+                let _ = writeln!(
+                    s,
+                    "  inbound audio          not read back (--no-verify-inbound)"
+                );
+            }
             if !v.missing_topics.is_empty() {
                 let _ = writeln!(s, "  missing topics         {:?}", v.missing_topics);
             }

@@ -68,6 +68,10 @@ pub struct RunOptions {
     pub lag_every: Duration,
     /// Capacity of the verifier's receipt → verification queue, records.
     pub verify_queue: usize,
+    /// `fetch.wait.max.ms` of the verifier's (and the echo bot's) consumer.
+    pub verify_fetch_wait_ms: u32,
+    /// Verify the inbound audio topic (see [`VerifyOptions::inbound_audio`]).
+    pub verify_inbound: bool,
 }
 
 impl Default for RunOptions {
@@ -77,6 +81,8 @@ impl Default for RunOptions {
             latency_probe: v.latency_probe,
             lag_every: v.lag_every,
             verify_queue: v.queue_capacity,
+            verify_fetch_wait_ms: v.fetch_wait_ms,
+            verify_inbound: v.inbound_audio,
         }
     }
 }
@@ -193,6 +199,8 @@ impl Harness {
                     latency_probe: opts.latency_probe.clone(),
                     lag_every: opts.lag_every,
                     queue_capacity: opts.verify_queue,
+                    fetch_wait_ms: opts.verify_fetch_wait_ms,
+                    inbound_audio: opts.verify_inbound,
                 };
                 let started =
                     tokio::task::spawn_blocking(move || KafkaVerifier::start_with(&v, audio, &vo))
@@ -590,7 +598,10 @@ async fn run_bidirectional(
         v.brokers.clone(),
         v.topic_prefix.clone(),
         stream.run_id,
-        b.echo.clone(),
+        EchoConfig {
+            fetch_wait_ms: opts.verify_fetch_wait_ms,
+            ..b.echo.clone()
+        },
         dl.sender(),
     );
     let bot = tokio::task::spawn_blocking(move || {

@@ -19,7 +19,7 @@
 
 use crate::audio::{ChunkTable, CHUNK_BYTES, ULAW_TO_PCM};
 use crate::consume::{
-    assign_at_end, low_latency_consumer, topic_index, ConsumerLag, LagSampler, LagTracker,
+    assign_at_end_skipping, low_latency_consumer, topic_index, ConsumerLag, LagSampler, LagTracker,
     RawRecord,
 };
 use crate::message::Track;
@@ -292,6 +292,8 @@ pub struct VerifySummary {
     pub consumer_errors: u64,
     /// Topics that did not exist when the run started (not verified).
     pub missing_topics: Vec<String>,
+    /// Inbound audio was not read (`--no-verify-inbound`): inbound totals are all zero.
+    pub inbound_not_verified: bool,
     /// Latency is measured from stream start because the run was in flood mode.
     pub flood_latency_from_start: bool,
     /// The verifying consumer's own lag: what part of `latency` is the harness.
@@ -424,7 +426,10 @@ impl Ledger {
                     },
                 );
             }
-            RegMsg::Finished { sid, sent } => {
+            RegMsg::Finished { sid, mut sent } => {
+                if self.summary.inbound_not_verified {
+                    sent[0] = 0;
+                }
                 if let Some(s) = self.streams.get_mut(&sid) {
                     s.sent = Some(sent);
                 }
@@ -648,6 +653,13 @@ pub struct VerifyOptions {
     /// Capacity of the receipt → verification queue, records. When it is full the consume
     /// loop waits (memory stays bounded) and the wait is reported.
     pub queue_capacity: usize,
+    /// `fetch.wait.max.ms` of the verifier's consumer. The verifier is not the latency
+    /// measurement (the probe is); a longer wait means fewer fetches for the broker to serve.
+    pub fetch_wait_ms: u32,
+    /// Read and verify `<prefix>.audio.inbound`. Off, inbound chunks are neither expected
+    /// nor missing and the summary says so (`inbound_not_verified`): for runs that measure
+    /// something else and cannot afford the broker load of a second full uplink reader.
+    pub inbound_audio: bool,
 }
 
 impl Default for VerifyOptions {
@@ -656,6 +668,8 @@ impl Default for VerifyOptions {
             latency_probe: None,
             lag_every: Duration::from_secs(1),
             queue_capacity: 65_536,
+            fetch_wait_ms: 10,
+            inbound_audio: true,
         }
     }
 }
@@ -714,13 +728,17 @@ impl KafkaVerifier {
         audio: Arc<ChunkTable>,
         opts: &VerifyOptions,
     ) -> Result<Self, VerifyError> {
-        let consumer: BaseConsumer = low_latency_consumer(&cfg.brokers, 10).create()?;
+        let consumer: BaseConsumer =
+            low_latency_consumer(&cfg.brokers, opts.fetch_wait_ms).create()?;
         let topics = vec![
             format!("{}.audio.inbound", cfg.topic_prefix),
             format!("{}.audio.outbound", cfg.topic_prefix),
             format!("{}.events", cfg.topic_prefix),
         ];
-        let assignment = assign_at_end(&consumer, &topics, None)?;
+        // Topic 0 (inbound audio) is not read when its verification is off; the indices
+        // stay as they are.
+        let skip: &[usize] = if opts.inbound_audio { &[] } else { &[0] };
+        let assignment = assign_at_end_skipping(&consumer, &topics, None, skip)?;
         let tracker = Arc::new(LagTracker::new(&assignment));
         let sampler = LagSampler::start(&cfg.brokers, tracker.clone(), opts.lag_every, "verify")?;
         let probe = match &opts.latency_probe {
@@ -737,6 +755,7 @@ impl KafkaVerifier {
         let cap = opts.queue_capacity.max(1);
         let sampled = opts.latency_probe.as_ref().map(|p| (0usize, p.partition));
         let missing_topics = assignment.missing_topics.clone();
+        let inbound_audio = opts.inbound_audio;
         let thread = std::thread::Builder::new()
             .name("verify".into())
             .spawn(move || {
@@ -752,6 +771,7 @@ impl KafkaVerifier {
                 };
                 let mut ledger = Ledger::new(audio);
                 ledger.summary.missing_topics = missing_topics;
+                ledger.summary.inbound_not_verified = !inbound_audio;
                 ledger.mirror = Some(prog.clone());
                 let Ok(rx_thread) = rx_thread else {
                     ledger.summary.consumer_errors += 1;
@@ -1102,6 +1122,32 @@ mod tests {
         assert_eq!(s.total.missing, 1);
         assert_eq!(s.total.expected, 10);
         assert!(!l.complete());
+    }
+
+    #[test]
+    fn inbound_not_verified_expects_no_inbound_chunks() {
+        let t = table();
+        let start = Instant::now();
+        let mut l = Ledger::new(t.clone());
+        l.summary.inbound_not_verified = true;
+        l.apply(RegMsg::Start(reg("MZi", start)));
+        let at = start + Duration::from_millis(500);
+        // Outbound chunk 1 (the table offsets are those of the test above).
+        let p = pcm(&t, 8, 1);
+        l.audio(rec("MZi", Track::Outbound, 1, 1, &p), at);
+        l.apply(RegMsg::Finished {
+            sid: "MZi".into(),
+            sent: [50, 2],
+        });
+        let s = l.summary();
+        assert!(s.inbound_not_verified);
+        assert_eq!(s.inbound.expected, 0);
+        assert_eq!(s.inbound.missing, 0);
+        // Outbound is still verified: one of two chunks arrived.
+        assert_eq!(s.outbound.expected, 2);
+        assert_eq!(s.outbound.received, 1);
+        assert_eq!(s.outbound.missing, 1);
+        assert_eq!(s.total.missing, 1);
     }
 
     #[test]

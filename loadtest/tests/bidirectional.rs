@@ -568,6 +568,7 @@ async fn bidirectional_scenario_through_a_real_broker() {
             stop_every: 4,
             stop_after: Duration::from_millis(2500),
             linger_ms: 1,
+            fetch_wait_ms: 5,
         },
         ..Default::default()
     };
