@@ -36,9 +36,12 @@ TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 RESULTS = os.path.join(ROOT, "bench", "results")
 FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "speech-8k.ulaw")
-FLOORS = ["floor", "kafka_floor", "tpc_floor", "uring_floor", "epoll_floor"]
+FLOORS = ["floor", "kafka_floor", "kafka_floor_headers", "tpc_floor", "uring_floor", "epoll_floor"]
+# Floors that produce to Kafka: a fresh broker each, delivery checked, broker CPU measured.
+KAFKA_FLOORS = ("kafka_floor", "kafka_floor_headers")
 LABELS = {
     "gateway": "gateway", "floor": "framing floor", "kafka_floor": "Kafka floor",
+    "kafka_floor_headers": "Kafka floor + contract headers",
     "tpc_floor": "thread-per-core floor", "uring_floor": "io_uring floor", "epoll_floor": "raw epoll floor",
 }
 SYSCALL_EVENTS = ["raw_syscalls:sys_enter", "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_read",
@@ -282,11 +285,13 @@ def run_floor(a, name, broker, streams, tracks, ramp, duration, tag):
     addr = f"127.0.0.1:{port}"
     err_path = os.path.join(RESULTS, f"server-{name}-{streams}-{tracks}-{tag}.log")
     summary_path = None
-    if name == "kafka_floor":
+    if name in KAFKA_FLOORS:
         summary_path = os.path.join(RESULTS, f"summary-{name}-{streams}-{tracks}-{tag}.json")
         parts = a.kafka_floor_partitions or 6 * (2 if tracks == "both" else 1)
         cmd = ["kafka_floor", addr, "--brokers", broker.addr, "--topic", f"kfloor{int(time.time())}{streams}{tracks}",
                "--partitions", str(parts), "--summary", summary_path, "--count-back"]
+        if name == "kafka_floor_headers":
+            cmd.append("--headers")
     elif name == "uring_floor":
         cmd = ["uring_floor", addr, "--mode", "uring"]
     elif name == "epoll_floor":
@@ -304,7 +309,7 @@ def run_floor(a, name, broker, streams, tracks, ramp, duration, tag):
         msgs_per_s = streams * (2 if tracks == "both" else 1) * 50
         t_start = time.time()
         m = measure(fl.pid, streams, ramp, a.window, lambda: (time.time() - t_start) * msgs_per_s,
-                    lt.pid, broker.pid() if name == "kafka_floor" else None)
+                    lt.pid, broker.pid() if name in KAFKA_FLOORS else None)
         sc = perf_syscalls(fl.pid, a.syscalls) if a.syscalls else None
         lt.wait()
         _, lrep = load_report(out, lt, m)
@@ -349,7 +354,7 @@ def sanity(name, r):
     if r.get("streams_failed"):
         w.append(f"{r['streams_failed']} streams failed")
     s = r.get("summary") or {}
-    if name == "kafka_floor" and s:
+    if name in KAFKA_FLOORS and s:
         lost = s.get("frames", 0) - s.get("delivered", 0)
         if lost or s.get("queue_full") or s.get("delivery_failed"):
             w.append(f"kafka_floor: {lost} frames not delivered (queue_full {s.get('queue_full')}, "
@@ -374,7 +379,8 @@ def main():
     ap.add_argument("--no-gateway", action="store_true", help="skip the gateway runs")
     ap.add_argument("--no-floor", action="store_true", help="skip the framing floor runs")
     ap.add_argument("--no-kafka-floor", action="store_true", help="skip the Kafka floor runs")
-    ap.add_argument("--also", default="", help="more servers: tpc_floor,uring_floor,epoll_floor")
+    ap.add_argument("--also", default="",
+                    help="more servers: kafka_floor_headers,tpc_floor,uring_floor,epoll_floor")
     ap.add_argument("--kafka-floor-partitions", type=int, default=None,
                     help="partitions of the Kafka floor's topic (default: 6 per track, as many as the gateway writes)")
     ap.add_argument("--syscalls", type=float, default=0,
@@ -401,7 +407,7 @@ def main():
                 row = {"run": run, "streams": streams, "tracks": tracks, "window_s": args.window}
                 for name in servers:
                     tag = f"{stamp}-r{run}"
-                    if name in ("gateway", "kafka_floor"):
+                    if name == "gateway" or name in KAFKA_FLOORS:
                         broker.fresh()
                     elif broker.proc is None and not broker.external:
                         broker.fresh()  # an idle broker stays up, as in every earlier run

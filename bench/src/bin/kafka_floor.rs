@@ -39,6 +39,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::statistics::Statistics;
 
@@ -115,6 +116,9 @@ struct Args {
     poll: Duration,
     summary: Option<String>,
     count_back: bool,
+    /// Attach the gateway contract's twelve audio headers (same names, value sizes and
+    /// per-record numbers) to every record: how much of the gap to the gateway is headers.
+    headers: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -126,6 +130,7 @@ fn parse_args() -> Result<Args, String> {
         poll: Duration::from_millis(2),
         summary: None,
         count_back: false,
+        headers: false,
     };
     let mut it = std::env::args().skip(1);
     let mut positional = false;
@@ -147,10 +152,11 @@ fn parse_args() -> Result<Args, String> {
             }
             "--summary" => args.summary = Some(value("--summary")?),
             "--count-back" => args.count_back = true,
+            "--headers" => args.headers = true,
             "-h" | "--help" => {
                 return Err(
                     "usage: kafka_floor [LISTEN] --brokers B --topic T [--partitions N] \
-                            [--poll-ms MS] [--summary FILE] [--count-back]"
+                            [--poll-ms MS] [--summary FILE] [--count-back] [--headers]"
                         .into(),
                 )
             }
@@ -212,6 +218,64 @@ struct Shared {
     producer: FloorProducer,
     topic: String,
     counters: Arc<Counters>,
+    headers: bool,
+}
+
+/// The gateway contract's audio headers for record `n` of a connection: the same names and
+/// value sizes (34-character SIDs, decimal numbers formatted per record), built the way a
+/// plain rust-rdkafka producer would (one `OwnedHeaders`, librdkafka copies each header).
+fn contract_headers(key: &[u8; 34], n: u64) -> OwnedHeaders {
+    let mut b = itoa::Buffer::new();
+    let sid = &key[..];
+    OwnedHeaders::new_with_capacity(12)
+        .insert(Header {
+            key: "stream_sid",
+            value: Some(sid),
+        })
+        .insert(Header {
+            key: "call_sid",
+            value: Some(sid),
+        })
+        .insert(Header {
+            key: "account_sid",
+            value: Some(sid),
+        })
+        .insert(Header {
+            key: "track",
+            value: Some(&b"inbound"[..]),
+        })
+        .insert(Header {
+            key: "seq",
+            value: Some(b.format(n + 2).as_bytes()),
+        })
+        .insert(Header {
+            key: "chunk",
+            value: Some(b.format(n + 1).as_bytes()),
+        })
+        .insert(Header {
+            key: "timestamp_ms",
+            value: Some(b.format(n * 20).as_bytes()),
+        })
+        .insert(Header {
+            key: "encoding",
+            value: Some(&b"pcm_s16le"[..]),
+        })
+        .insert(Header {
+            key: "sample_rate",
+            value: Some(&b"8000"[..]),
+        })
+        .insert(Header {
+            key: "channels",
+            value: Some(&b"1"[..]),
+        })
+        .insert(Header {
+            key: "gateway",
+            value: Some(&b"kafka-floor-0"[..]),
+        })
+        .insert(Header {
+            key: "received_at_us",
+            value: Some(b.format(1_764_000_000_000_000u64 + n).as_bytes()),
+        })
 }
 
 /// Read loop of one upgraded connection: every text frame becomes one Kafka record.
@@ -223,14 +287,19 @@ async fn read_and_produce(
     let Ok(mut ws) = fut.await else { return };
     ws.set_max_message_size(64 * 1024);
     let c = &shared.counters;
+    let mut n = 0u64;
     while let Ok(frame) = ws.read_frame().await {
         match frame.opcode {
             fastwebsockets::OpCode::Close => break,
             fastwebsockets::OpCode::Text => {
                 c.frames.fetch_add(1, Ordering::Relaxed);
-                let record = BaseRecord::<[u8], [u8]>::to(&shared.topic)
+                let mut record = BaseRecord::<[u8], [u8]>::to(&shared.topic)
                     .key(&key[..])
                     .payload(&frame.payload[..]);
+                if shared.headers {
+                    record = record.headers(contract_headers(&key, n));
+                }
+                n += 1;
                 match shared.producer.send(record) {
                     Ok(()) => c.produced.fetch_add(1, Ordering::Relaxed),
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -346,6 +415,7 @@ async fn main() {
         producer,
         topic: args.topic.clone(),
         counters,
+        headers: args.headers,
     });
 
     // Delivery reports: a tokio task, like the gateway's earlier "BaseProducer polled by an
