@@ -18,22 +18,20 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 STREAMS="${1:-200}"
 SECS="${2:-60}"
-"$ROOT/scripts/setup.sh" >/dev/null
-cargo build --release -p gateway -p loadtest 2>/dev/null
-TANSU="$("$ROOT/scripts/install-broker.sh")"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+bench_prepare
 BP=29792; GP=28780; AP=29780
 mkdir -p bench/results
 OUT="bench/results/bidi-$STREAMS-$(date +%Y%m%d-%H%M%S).json"
-"$TANSU" broker --listener-url tcp://127.0.0.1:$BP --advertised-listener-url tcp://127.0.0.1:$BP \
-  --storage-engine memory://tansu/ >/dev/null 2>&1 &
+start_broker $BP
 B=$!
-sleep 1
 # shellcheck disable=SC2086
 target/release/gateway --listen 127.0.0.1:$GP --admin-listen 127.0.0.1:$AP --brokers 127.0.0.1:$BP \
   --insecure-skip-signature --log-level warn --topic-prefix bidi ${GATEWAY_ARGS:-} >/dev/null 2>&1 &
 G=$!
 trap 'kill -9 $G $B 2>/dev/null || true' EXIT
-until curl -fs http://127.0.0.1:$AP/readyz >/dev/null 2>&1; do sleep 0.2; done
+wait_ready $AP $G
 target/release/loadtest bidirectional --url ws://127.0.0.1:$GP/stream --streams "$STREAMS" \
   --duration "$SECS" --verify-brokers 127.0.0.1:$BP --topic-prefix bidi \
   --audio ../shared/fixtures/speech-8k.ulaw ${PROBE_ARGS---latency-probe} --echo-merge-burst \

@@ -13,22 +13,20 @@ STREAMS="${1:-500}"
 SECS="${2:-60}"
 LINGERS="${3:-5 10 20 50}"
 TRACKS="${4:-both}"
-"$ROOT/scripts/setup.sh" >/dev/null
-cargo build --release -p gateway -p loadtest 2>/dev/null
-TANSU="$("$ROOT/scripts/install-broker.sh")"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+bench_prepare
 BP=29692; GP=28680; AP=29680
 TICK=$(getconf CLK_TCK)
 mkdir -p bench/results
 for L in $LINGERS; do
-  "$TANSU" broker --listener-url tcp://127.0.0.1:$BP --advertised-listener-url tcp://127.0.0.1:$BP \
-    --storage-engine memory://tansu/ >/dev/null 2>&1 &
+  start_broker $BP
   B=$!
-  sleep 1
   target/release/gateway --listen 127.0.0.1:$GP --admin-listen 127.0.0.1:$AP --brokers 127.0.0.1:$BP \
     --insecure-skip-signature --log-level warn --topic-prefix "lc$L" \
     ${GATEWAY_ARGS:-} $( [ "$L" = default ] || echo "--kafka-option linger.ms=$L" ) >/dev/null 2>&1 &
   G=$!
-  until curl -fs http://127.0.0.1:$AP/readyz >/dev/null 2>&1; do sleep 0.2; done
+  wait_ready $AP $G
   OUT="bench/results/linger-$L-$STREAMS-$(date +%H%M%S).json"
   c0=$(awk '{print $14 + $15}' /proc/$G/stat)
   target/release/loadtest steady --url ws://127.0.0.1:$GP/stream --streams "$STREAMS" --duration "$SECS" \

@@ -9,22 +9,20 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 STREAMS="${1:-10000}"
 RAMP="${2:-1000}"
-"$ROOT/scripts/setup.sh" >/dev/null
-cargo build --release -p gateway -p loadtest 2>/dev/null
-TANSU="$("$ROOT/scripts/install-broker.sh")"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+bench_prepare
 BP=29992; GP=28980; AP=29980
 mkdir -p bench/results
 OUT="bench/results/open-$STREAMS-$(date +%Y%m%d-%H%M%S).json"
-"$TANSU" broker --listener-url tcp://127.0.0.1:$BP --advertised-listener-url tcp://127.0.0.1:$BP \
-  --storage-engine memory://tansu/ >/dev/null 2>&1 &
+start_broker $BP
 B=$!
-sleep 1
 target/release/gateway --listen 127.0.0.1:$GP --admin-listen 127.0.0.1:$AP --brokers 127.0.0.1:$BP \
   --insecure-skip-signature --log-level warn --topic-prefix open >/dev/null 2>&1 &
 G=$!
 S=""
 trap 'kill -9 $G $B $S 2>/dev/null || true' EXIT
-until curl -fs http://127.0.0.1:$AP/readyz >/dev/null 2>&1; do sleep 0.2; done
+wait_ready $AP $G
 sleep 2
 RSS0=$(awk '/VmRSS/ {print $2}' /proc/$G/status)
 # RSS every second while the streams run; the plateau is the median of the samples taken

@@ -21,17 +21,16 @@ TRACKS="${TRACKS:-both}"
 OUTAGE_AT="${OUTAGE_AT:-20}"
 TAIL="${TAIL:-60}"
 DURATION=$((OUTAGE_AT + OUTAGE + 20))
-"$ROOT/scripts/setup.sh" >/dev/null
-cargo build --release -p gateway -p loadtest 2>/dev/null
-TANSU="$("$ROOT/scripts/install-broker.sh")"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+bench_prepare
 BP=29492; GP=28480; AP=29480
 STAMP="$(date +%Y%m%d-%H%M%S)"
 mkdir -p bench/results
 OUT="bench/results/outage-$STAMP"
 SPOOLDIR="$(mktemp -d /tmp/gw-outage-spool.XXXXXX)"
 PREFIX="outage$STAMP"
-"$TANSU" broker --listener-url tcp://127.0.0.1:$BP --advertised-listener-url tcp://127.0.0.1:$BP \
-  --storage-engine memory://tansu/ >/dev/null 2>&1 &
+start_broker $BP
 BROKER=$!
 GW=""
 cleanup() {
@@ -43,7 +42,6 @@ cleanup() {
   rm -rf "$SPOOLDIR"
 }
 trap cleanup EXIT
-sleep 1
 gw_args=(--listen 127.0.0.1:$GP --admin-listen 127.0.0.1:$AP --brokers 127.0.0.1:$BP
   --topic-prefix "$PREFIX" --insecure-skip-signature --log-level warn)
 [ "$SPOOL" = disk ] && gw_args+=(--spool-dir "$SPOOLDIR")

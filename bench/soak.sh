@@ -7,18 +7,17 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 SECS="${1:-660}"
 STREAMS="${2:-100}"
-"$ROOT/scripts/setup.sh"
-cargo build --release -p gateway -p loadtest
-TANSU="$("$ROOT/scripts/install-broker.sh")"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+bench_prepare
 BP=29392; GP=28380; AP=29380
-"$TANSU" broker --listener-url tcp://127.0.0.1:$BP --advertised-listener-url tcp://127.0.0.1:$BP --storage-engine memory://tansu/ >/dev/null 2>&1 &
+start_broker $BP
 BROKER=$!
-sleep 1
 target/release/gateway --listen 127.0.0.1:$GP --admin-listen 127.0.0.1:$AP --brokers 127.0.0.1:$BP \
   --insecure-skip-signature --log-level warn >/dev/null 2>&1 &
 GW=$!
 trap 'kill $CHURN 2>/dev/null; kill $GW $BROKER 2>/dev/null' EXIT
-until curl -fs http://127.0.0.1:$AP/readyz >/dev/null; do sleep 0.2; done
+wait_ready $AP $GW
 mkdir -p bench/results
 # Churn: 20 short both-track calls every ~10 s for the whole soak.
 ( end=$((SECONDS + SECS)); while ((SECONDS < end)); do

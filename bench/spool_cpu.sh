@@ -9,23 +9,21 @@ cd "$ROOT"
 STREAMS="${1:-300}"
 SECS="${2:-40}"
 ROUNDS="${3:-3}"
-"$ROOT/scripts/setup.sh" >/dev/null
-cargo build --release -p gateway -p loadtest 2>/dev/null
-TANSU="$("$ROOT/scripts/install-broker.sh")"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+bench_prepare
 BP=29592; GP=28580; AP=29580
 TICK=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 run() { # $1 = on|off; prints µs of gateway CPU per media message
   local spool=() dir=""
   if [ "$1" = on ]; then dir="$(mktemp -d /tmp/gw-spoolcpu.XXXXXX)"; spool=(--spool-dir "$dir"); fi
-  "$TANSU" broker --listener-url tcp://127.0.0.1:$BP --advertised-listener-url tcp://127.0.0.1:$BP \
-    --storage-engine memory://tansu/ >/dev/null 2>&1 &
+  start_broker $BP
   local broker=$!
-  sleep 1
   target/release/gateway --listen 127.0.0.1:$GP --admin-listen 127.0.0.1:$AP --brokers 127.0.0.1:$BP \
     --insecure-skip-signature --log-level warn "${spool[@]}" >/dev/null 2>&1 &
   local gw=$!
-  until curl -fs http://127.0.0.1:$AP/readyz >/dev/null 2>&1; do sleep 0.2; done
+  wait_ready $AP $gw
   target/release/loadtest steady --url ws://127.0.0.1:$GP/stream --streams "$STREAMS" --duration "$SECS" \
     --tracks both --ramp-per-sec 200 --audio ../shared/fixtures/speech-8k.ulaw --quiet >/dev/null 2>&1 &
   local lt=$!
