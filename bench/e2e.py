@@ -280,6 +280,23 @@ def run_gateway(a, broker, streams, tracks, ramp, duration, tag):
     })
 
 
+def gateway_partitions_per_track(a):
+    """Partitions of each audio topic the gateway writes to, so the Kafka floor's producer
+    touches as many: --partitions-per-instance N (default 1), or `all` = --topic-partitions
+    (default 6)."""
+    args = list(a.gateway_arg)
+    def flag(name, default):
+        for i, v in enumerate(args):
+            if v == name and i + 1 < len(args):
+                return args[i + 1]
+            if v.startswith(name + "="):
+                return v.split("=", 1)[1]
+        return default
+    n = flag("--partitions-per-instance", "1")
+    total = int(flag("--topic-partitions", "6"))
+    return total if n == "all" else min(int(n), total)
+
+
 def run_floor(a, name, broker, streams, tracks, ramp, duration, tag):
     port = free_port()
     addr = f"127.0.0.1:{port}"
@@ -287,7 +304,7 @@ def run_floor(a, name, broker, streams, tracks, ramp, duration, tag):
     summary_path = None
     if name in KAFKA_FLOORS:
         summary_path = os.path.join(RESULTS, f"summary-{name}-{streams}-{tracks}-{tag}.json")
-        parts = a.kafka_floor_partitions or 6 * (2 if tracks == "both" else 1)
+        parts = a.kafka_floor_partitions or gateway_partitions_per_track(a) * (2 if tracks == "both" else 1)
         cmd = ["kafka_floor", addr, "--brokers", broker.addr, "--topic", f"kfloor{int(time.time())}{streams}{tracks}",
                "--partitions", str(parts), "--summary", summary_path, "--count-back"]
         if name == "kafka_floor_headers":
@@ -382,7 +399,8 @@ def main():
     ap.add_argument("--also", default="",
                     help="more servers: kafka_floor_headers,tpc_floor,uring_floor,epoll_floor")
     ap.add_argument("--kafka-floor-partitions", type=int, default=None,
-                    help="partitions of the Kafka floor's topic (default: 6 per track, as many as the gateway writes)")
+                    help="partitions of the Kafka floor's topic (default: per track as many as the gateway writes to, "
+                         "from its --partitions-per-instance and --topic-partitions)")
     ap.add_argument("--syscalls", type=float, default=0,
                     help="after the CPU window, count each server's syscalls for this many seconds (perf stat)")
     ap.add_argument("--bin-dir", default=default_bin_dir(), help="release binaries ($CARGO_TARGET_DIR/release)")

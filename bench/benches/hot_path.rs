@@ -209,6 +209,10 @@ fn record_benches(c: &mut Criterion) {
         &unreachable_producer_config(),
         DeliveryContext::new(metrics),
         &["twilio.audio.inbound".to_owned()],
+        gateway::sink::partitioning::Partitioning::Instance {
+            seed: 0,
+            per_instance: 1,
+        },
     )
     .unwrap();
     let sink_cfg = SinkConfig::new("127.0.0.1:1", "twilio");

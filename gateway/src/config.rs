@@ -19,6 +19,7 @@ use crate::server::access::{AccessConfig, Cidr};
 use crate::server::ServerConfig;
 use crate::session::SessionConfig;
 use crate::sink::kafka_config::{parse_option, parse_properties, KafkaOption, KafkaOptions};
+use crate::sink::partitioning::{seed as partitioning_seed, Partitioning, MAX_PER_INSTANCE};
 use crate::sink::spool::{DiskConfig, FsyncPolicy, SpoolConfig};
 use crate::sink::{AudioEncoding, SinkConfig, MAX_WINDOW_BYTES};
 use crate::watchdog::WatchdogConfig;
@@ -144,6 +145,11 @@ pub struct RunArgs {
     /// Replication factor of created topics [default: 1].
     #[arg(long, env = "GATEWAY_TOPIC_REPLICATION")]
     pub topic_replication: Option<i32>,
+    /// Partitions of each topic this instance writes to: N consecutive ones from a base set by
+    /// --instance-index (else a hash of the host name), each stream in one of them; or `all`
+    /// (librdkafka's partitioner on streamSid) [default: 1].
+    #[arg(long, env = "GATEWAY_PARTITIONS_PER_INSTANCE", value_name = "N|all")]
+    pub partitions_per_instance: Option<String>,
     /// Instance id in records and events [default: hostname-pid].
     #[arg(long, env = "GATEWAY_ID")]
     pub gateway_id: Option<String>,
@@ -230,6 +236,7 @@ struct FileConfig {
     create_topics: Option<bool>,
     topic_partitions: Option<i32>,
     topic_replication: Option<i32>,
+    partitions_per_instance: Option<PerInstance>,
     gateway_id: Option<String>,
     max_message_bytes: Option<usize>,
     max_inflight_bytes: Option<u64>,
@@ -257,6 +264,14 @@ struct FileConfig {
     twiml_track: Option<String>,
     twiml_then: Option<String>,
     twiml_parameters: Option<Vec<String>>,
+}
+
+/// `partitions_per_instance` in a file: a number or `"all"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum PerInstance {
+    Number(u32),
+    Word(String),
 }
 
 /// Log output format.
@@ -323,16 +338,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn default_gateway_id() -> String {
+/// The host name, or `gateway` when it cannot be read.
+fn host_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_default();
-    let host = if host.is_empty() {
+    if host.is_empty() {
         "gateway".to_owned()
     } else {
         host
-    };
-    format!("{host}-{}", std::process::id())
+    }
+}
+
+fn default_gateway_id() -> String {
+    format!("{}-{}", host_name(), std::process::id())
 }
 
 fn valid_topic_prefix(p: &str) -> bool {
@@ -761,6 +780,34 @@ impl Config {
                 Assignment::All
             }
         };
+        let partitioning = {
+            let raw = args
+                .partitions_per_instance
+                .or(match file.partitions_per_instance {
+                    Some(PerInstance::Number(n)) => Some(n.to_string()),
+                    Some(PerInstance::Word(w)) => Some(w),
+                    None => None,
+                });
+            let instance = match &partitions {
+                Assignment::Instance { index, .. } => Some(*index),
+                _ => None,
+            };
+            match raw.as_deref().unwrap_or("1") {
+                "all" => Partitioning::Key,
+                n => match n.parse::<u32>() {
+                    Ok(n) if (1..=MAX_PER_INSTANCE).contains(&n) => Partitioning::Instance {
+                        seed: partitioning_seed(instance, &host_name()),
+                        per_instance: n,
+                    },
+                    _ => {
+                        errors.push(format!(
+                            "--partitions-per-instance: {n:?} must be `all` or a number between 1 and {MAX_PER_INSTANCE}"
+                        ));
+                        Partitioning::Key
+                    }
+                },
+            }
+        };
         let per_stream_bytes = (playback_buffer.as_secs_f64() * 8000.0) as u64;
         if per_stream_bytes < 8000 {
             errors.push("--playback-buffer: must be at least 1s".into());
@@ -853,6 +900,7 @@ impl Config {
                 create_topics,
                 topic_partitions,
                 topic_replication,
+                partitioning,
                 drain_interval,
                 readiness_watermark,
                 spool,
@@ -921,6 +969,7 @@ impl Config {
             ("create_topics", sink.create_topics.to_string()),
             ("topic_partitions", sink.topic_partitions.to_string()),
             ("topic_replication", sink.topic_replication.to_string()),
+            ("partitions_per_instance", sink.partitioning.describe()),
             ("gateway_id", q(&sink.gateway_id)),
             (
                 "max_message_bytes",
@@ -1020,6 +1069,66 @@ mod tests {
         assert_eq!(c.sink.audio_encoding, AudioEncoding::PcmS16le);
         assert!(c.sink.create_topics);
         assert_eq!(c.sink.window_bytes, 32 << 20);
+    }
+
+    #[test]
+    fn partitions_per_instance() {
+        use crate::sink::partitioning::{fnv1a, Partitioning};
+        let host = super::host_name();
+        assert_eq!(
+            parse(&[]).unwrap().sink.partitioning,
+            Partitioning::Instance {
+                seed: fnv1a(host.as_bytes()),
+                per_instance: 1
+            },
+            "default: one partition, base from the host name"
+        );
+        let c = parse(&[
+            "--partitions-per-instance",
+            "3",
+            "--instance-index",
+            "2",
+            "--instance-count",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.sink.partitioning,
+            Partitioning::Instance {
+                seed: 2,
+                per_instance: 3
+            }
+        );
+        assert!(c.to_toml().contains("partitions_per_instance = 3"));
+        let c = parse(&["--partitions-per-instance", "all"]).unwrap();
+        assert_eq!(c.sink.partitioning, Partitioning::Key);
+        assert!(c.to_toml().contains("partitions_per_instance = \"all\""));
+        for bad in ["0", "10001", "some"] {
+            let errs = parse(&["--partitions-per-instance", bad]).unwrap_err();
+            assert!(
+                errs[0].contains("--partitions-per-instance"),
+                "{bad}: {errs:?}"
+            );
+        }
+        // The file form takes a number or "all".
+        let dir = std::env::temp_dir().join(format!("gwppi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (text, want) in [
+            ("partitions_per_instance = 2\n", Some(2)),
+            ("partitions_per_instance = \"all\"\n", None),
+        ] {
+            let path = dir.join("c.toml");
+            std::fs::write(&path, text).unwrap();
+            let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+            match (c.sink.partitioning, want) {
+                (Partitioning::Instance { per_instance, .. }, Some(n)) => {
+                    assert_eq!(per_instance, n)
+                }
+                (Partitioning::Key, None) => {}
+                (got, _) => panic!("{text}: {got:?}"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -545,3 +545,109 @@ fn missing_topics_without_create_is_a_clear_startup_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing topics"), "{err}");
 }
+
+/// Plays `n` short streams (both tracks) and returns every record of the three topics.
+async fn short_streams(gw: &Gateway, first: u64, n: u64) -> (Vec<String>, Vec<Record>) {
+    let audio = speech();
+    let sids: Vec<String> = (0..n).map(|i| sid("MZ", first + i)).collect();
+    let mut handles = Vec::new();
+    for (i, s) in sids.iter().enumerate() {
+        let plan = StreamPlan {
+            stream: s.clone(),
+            call: sid("CA", first + i as u64),
+            offset: i * 800,
+            chunks: 5,
+            tracks: vec!["inbound", "outbound"],
+        };
+        let (port, audio) = (gw.port, audio.clone());
+        handles.push(tokio::spawn(async move {
+            play(port, &plan, &audio, None).await
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let (brokers, tps) = (gw.brokers.clone(), topics(gw));
+    // Per stream: 5 chunks × 2 tracks, and the start and stop events (keyless status records
+    // on the events topic are not counted).
+    let expected = (n * (10 + 2)) as usize;
+    let recs = tokio::task::spawn_blocking(move || {
+        consume_until(&brokers, &tps, Duration::from_secs(30), |r| {
+            r.iter().filter(|x| x.key.is_some()).count() >= expected
+        })
+    })
+    .await
+    .unwrap();
+    let recs: Vec<Record> = recs.into_iter().filter(|r| r.key.is_some()).collect();
+    assert_eq!(recs.len(), expected, "records of {n} streams");
+    (sids, recs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_per_instance_keeps_an_instance_on_its_partitions_and_each_stream_on_one() {
+    // Instance 1 of 3, two partitions each, six per topic: partitions 2 and 3 of every topic.
+    let gw = Gateway::start(
+        "ppi",
+        &[
+            "--topic-partitions",
+            "6",
+            "--partitions-per-instance",
+            "2",
+            "--instance-index",
+            "1",
+            "--instance-count",
+            "3",
+        ],
+    );
+    let (sids, recs) = short_streams(&gw, 5000, 16).await;
+    let mut used = std::collections::BTreeSet::new();
+    for s in &sids {
+        let want = gateway::sink::partitioning::pick(1, 2, s.as_bytes(), 6);
+        let mine: Vec<&Record> = recs
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(s.as_str()))
+            .collect();
+        assert_eq!(mine.len(), 12, "records of {s}");
+        for r in mine {
+            // Audio of both tracks and the stream's events share the partition number.
+            assert_eq!(r.partition, want, "{s} on {}", r.topic);
+        }
+        used.insert(want);
+    }
+    assert_eq!(
+        used.into_iter().collect::<Vec<_>>(),
+        vec![2, 3],
+        "16 streams over the instance's two partitions"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_per_instance_all_spreads_streams_over_the_topic() {
+    let gw = Gateway::start(
+        "ppiall",
+        &[
+            "--topic-partitions",
+            "6",
+            "--partitions-per-instance",
+            "all",
+        ],
+    );
+    let (sids, recs) = short_streams(&gw, 6000, 16).await;
+    let mut used = std::collections::BTreeSet::new();
+    for s in &sids {
+        let parts: std::collections::BTreeSet<(String, i32)> = recs
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(s.as_str()))
+            .map(|r| (r.topic.clone(), r.partition))
+            .collect();
+        assert_eq!(
+            parts.len(),
+            3,
+            "{s}: one partition on each of the three topics"
+        );
+        used.extend(parts.into_iter().map(|(_, p)| p));
+    }
+    // librdkafka's key hash over six partitions: 16 streams land on at least three of them
+    // (two or fewer has probability below 1e-6).
+    assert!(used.len() >= 3, "partitions used: {used:?}");
+}

@@ -182,9 +182,10 @@ struct Common {
     /// <prefix>.audio.inbound that only timestamps (needs --verify-brokers).
     #[arg(long)]
     latency_probe: bool,
-    /// Partition the latency probe reads.
-    #[arg(long, default_value_t = 0)]
-    latency_probe_partition: i32,
+    /// Partition the latency probe reads, or `auto`: the first one a record arrives on (a
+    /// gateway with --partitions-per-instance writes to a few partitions only).
+    #[arg(long, default_value = "auto")]
+    latency_probe_partition: String,
     /// Seconds between consumer-lag samples (high watermark − position).
     #[arg(long, default_value_t = 1.0)]
     lag_every: f64,
@@ -329,9 +330,16 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, RunOptions, &Common), Vec<St
     if c.latency_probe && c.verify_brokers.is_none() {
         errs.push("--latency-probe needs --verify-brokers".into());
     }
-    if c.latency_probe_partition < 0 {
-        errs.push("--latency-probe-partition must be >= 0".into());
-    }
+    let probe_partition = match c.latency_probe_partition.as_str() {
+        "auto" => None,
+        n => match n.parse::<i32>() {
+            Ok(p) if p >= 0 => Some(p),
+            _ => {
+                errs.push("--latency-probe-partition must be `auto` or a number >= 0".into());
+                None
+            }
+        },
+    };
     let mut durs = [Duration::ZERO; 5];
     for (i, (v, n)) in [
         (c.grace, "grace"),
@@ -409,7 +417,7 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, RunOptions, &Common), Vec<St
     };
     let opts = RunOptions {
         latency_probe: c.latency_probe.then_some(ProbeConfig {
-            partition: c.latency_probe_partition,
+            partition: probe_partition,
         }),
         lag_every: durs[4],
         verify_queue: c.verify_queue.max(1),

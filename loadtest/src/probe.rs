@@ -1,7 +1,8 @@
 //! The sampled latency probe (`--latency-probe`).
 //!
 //! A second, deliberately light consumer on its own thread and its own librdkafka client,
-//! assigned to one partition of `<prefix>.audio.inbound`. It verifies nothing: per record it
+//! assigned to one partition of `<prefix>.audio.inbound` (by default the first one a record
+//! arrives on). It verifies nothing: per record it
 //! stamps the receipt time, then computes three latencies and drops the record:
 //!
 //! - *send → receipt*, per chunk: receipt − the chunk's scheduled send time (the same
@@ -17,23 +18,26 @@
 //! that keeps up would see; the difference to the full verifier is the harness's own lag.
 
 use crate::consume::{
-    assign_at_end, low_latency_consumer, Clock, ConsumerLag, LagSampler, LagTracker,
+    assign_at_end, low_latency_consumer, Assignment, Clock, ConsumerLag, LagSampler, LagTracker,
 };
 use crate::stats::{new_histogram, Percentiles};
 use crate::verify::{chunk_due, RegMsg, StreamReg, VerifyConfig, VerifyError};
 use hdrhistogram::Histogram;
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// Which sample the probe reads.
 #[derive(Debug, Clone, Default)]
 pub struct ProbeConfig {
-    /// Partition of `<prefix>.audio.inbound` to read (default 0).
-    pub partition: i32,
+    /// Partition of `<prefix>.audio.inbound` to read; `None` = the first partition a record
+    /// arrives on (a gateway that keeps its streams on a few partitions,
+    /// `--partitions-per-instance`, leaves the others empty).
+    pub partition: Option<i32>,
 }
 
 /// What the probe measured.
@@ -41,7 +45,7 @@ pub struct ProbeConfig {
 pub struct ProbeSummary {
     /// Topic read.
     pub topic: String,
-    /// Partition read.
+    /// Partition read (-1: chosen automatically and no record ever arrived).
     pub partition: i32,
     /// Records read.
     pub records: u64,
@@ -67,11 +71,13 @@ pub struct ProbeSummary {
 pub struct LatencyProbe {
     tx: mpsc::Sender<RegMsg>,
     stop: Arc<AtomicBool>,
+    partition: Arc<AtomicI32>,
     thread: std::thread::JoinHandle<ProbeSummary>,
 }
 
 impl LatencyProbe {
-    /// Assigns the probe's partition at its high watermark and starts the thread. Blocking.
+    /// Assigns the probe's partition (or, automatic, every partition until the first record)
+    /// at its high watermark and starts the thread. Blocking.
     pub fn start(
         cfg: &VerifyConfig,
         probe: &ProbeConfig,
@@ -79,35 +85,61 @@ impl LatencyProbe {
     ) -> Result<LatencyProbe, VerifyError> {
         let consumer: BaseConsumer = low_latency_consumer(&cfg.brokers, 5).create()?;
         let topic = format!("{}.audio.inbound", cfg.topic_prefix);
-        let assignment = assign_at_end(
-            &consumer,
-            std::slice::from_ref(&topic),
-            Some(probe.partition),
-        )?;
-        let tracker = Arc::new(LagTracker::new(&assignment));
-        let sampler = LagSampler::start(&cfg.brokers, tracker.clone(), lag_every, "probe")?;
+        let assignment = assign_at_end(&consumer, std::slice::from_ref(&topic), probe.partition)?;
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let partition = Arc::new(AtomicI32::new(probe.partition.unwrap_or(-1)));
+        let partition2 = partition.clone();
         let mut summary = ProbeSummary {
-            topic,
-            partition: probe.partition,
+            topic: topic.clone(),
+            partition: probe.partition.unwrap_or(-1),
             missing: !assignment.missing_topics.is_empty(),
             ..Default::default()
         };
+        let brokers = cfg.brokers.clone();
         let thread = std::thread::Builder::new()
             .name("probe".into())
             .spawn(move || {
                 let mut p = Probe::new();
+                let assignment = if assignment.missing_topics.is_empty() && probe_auto(&partition2)
+                {
+                    match lock_first_partition(&consumer, &topic, &rx, &stop2, &mut p) {
+                        Some((part, next)) => {
+                            partition2.store(part, Ordering::Relaxed);
+                            summary.partition = part;
+                            Assignment {
+                                partitions: vec![(0, part, next)],
+                                topics: vec![topic],
+                                missing_topics: Vec::new(),
+                            }
+                        }
+                        None => {
+                            p.fill(&mut summary);
+                            return summary;
+                        }
+                    }
+                } else {
+                    assignment
+                };
+                let tracker = Arc::new(LagTracker::new(&assignment));
+                let sampler = LagSampler::start(&brokers, tracker.clone(), lag_every, "probe");
                 probe_loop(&consumer, &tracker, &rx, &stop2, &mut p);
                 p.fill(&mut summary);
-                summary.consumer_lag = sampler.finish();
+                if let Ok(sampler) = sampler {
+                    summary.consumer_lag = sampler.finish();
+                }
                 summary
             })
             .map_err(|e| {
                 VerifyError::Kafka(rdkafka::error::KafkaError::ClientCreation(e.to_string()))
             })?;
-        Ok(LatencyProbe { tx, stop, thread })
+        Ok(LatencyProbe {
+            tx,
+            stop,
+            partition,
+            thread,
+        })
     }
 
     /// Where stream registrations go.
@@ -115,11 +147,54 @@ impl LatencyProbe {
         self.tx.clone()
     }
 
+    /// The partition the probe reads, -1 until an automatic choice is made.
+    pub fn partition(&self) -> Arc<AtomicI32> {
+        self.partition.clone()
+    }
+
     /// Stops the probe and returns what it measured. Blocking.
     pub fn finish(self) -> ProbeSummary {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }
+}
+
+fn probe_auto(partition: &AtomicI32) -> bool {
+    partition.load(Ordering::Relaxed) < 0
+}
+
+/// Automatic choice: reads every partition until the first record, times it, then keeps only
+/// that partition (from the next offset). Returns the partition and that offset, or `None`
+/// when stopped first.
+fn lock_first_partition(
+    consumer: &BaseConsumer,
+    topic: &str,
+    regs: &mpsc::Receiver<RegMsg>,
+    stop: &AtomicBool,
+    p: &mut Probe,
+) -> Option<(i32, i64)> {
+    while !stop.load(Ordering::Relaxed) {
+        let Some(res) = consumer.poll(Duration::from_millis(20)) else {
+            while let Ok(m) = regs.try_recv() {
+                p.apply(m);
+            }
+            continue;
+        };
+        let at = Instant::now();
+        let Ok(msg) = res else { continue };
+        let (part, next) = (msg.partition(), msg.offset() + 1);
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(topic, part, Offset::Offset(next))
+            .is_err()
+            || consumer.assign(&tpl).is_err()
+        {
+            continue;
+        }
+        time_record(&msg, at, regs, p);
+        return Some((part, next));
+    }
+    None
 }
 
 /// The probe's accounting, separate from the Kafka loop so it can be tested.
@@ -239,34 +314,44 @@ fn probe_loop(
         let at = Instant::now();
         let Ok(msg) = res else { continue };
         tracker.received(0, msg.partition(), msg.offset());
-        let mut sid = msg.key().and_then(|k| std::str::from_utf8(k).ok());
-        let (mut chunk, mut chunks, mut gw) = (None, 1u64, None);
-        if let Some(h) = msg.headers() {
-            for i in 0..h.count() {
-                let Some(hd) = h.try_get(i) else { continue };
-                let Some(v) = hd.value.and_then(|v| std::str::from_utf8(v).ok()) else {
-                    continue;
-                };
-                match hd.key {
-                    "chunk" => chunk = v.parse().ok(),
-                    "chunks" => chunks = v.parse().unwrap_or(1),
-                    "received_at_us" => gw = v.parse().ok(),
-                    "stream_sid" if sid.is_none() => sid = Some(v),
-                    _ => {}
-                }
+        time_record(&msg, at, regs, p);
+    }
+}
+
+/// Reads the headers the probe needs from one record received at `at` and times it.
+fn time_record(
+    msg: &rdkafka::message::BorrowedMessage<'_>,
+    at: Instant,
+    regs: &mpsc::Receiver<RegMsg>,
+    p: &mut Probe,
+) {
+    let mut sid = msg.key().and_then(|k| std::str::from_utf8(k).ok());
+    let (mut chunk, mut chunks, mut gw) = (None, 1u64, None);
+    if let Some(h) = msg.headers() {
+        for i in 0..h.count() {
+            let Some(hd) = h.try_get(i) else { continue };
+            let Some(v) = hd.value.and_then(|v| std::str::from_utf8(v).ok()) else {
+                continue;
+            };
+            match hd.key {
+                "chunk" => chunk = v.parse().ok(),
+                "chunks" => chunks = v.parse().unwrap_or(1),
+                "received_at_us" => gw = v.parse().ok(),
+                "stream_sid" if sid.is_none() => sid = Some(v),
+                _ => {}
             }
         }
-        match (sid, chunk) {
-            (Some(sid), Some(chunk)) => {
-                if !p.knows(sid) {
-                    while let Ok(m) = regs.try_recv() {
-                        p.apply(m);
-                    }
+    }
+    match (sid, chunk) {
+        (Some(sid), Some(chunk)) => {
+            if !p.knows(sid) {
+                while let Ok(m) = regs.try_recv() {
+                    p.apply(m);
                 }
-                p.record(at, sid, chunk, chunks, gw);
             }
-            _ => p.malformed(),
+            p.record(at, sid, chunk, chunks, gw);
         }
+        _ => p.malformed(),
     }
 }
 

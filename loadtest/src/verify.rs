@@ -753,7 +753,7 @@ impl KafkaVerifier {
         });
         let prog = progress.clone();
         let cap = opts.queue_capacity.max(1);
-        let sampled = opts.latency_probe.as_ref().map(|p| (0usize, p.partition));
+        let sampled = probe.as_ref().map(LatencyProbe::partition);
         let missing_topics = assignment.missing_topics.clone();
         let inbound_audio = opts.inbound_audio;
         let thread = std::thread::Builder::new()
@@ -900,8 +900,8 @@ struct Verification {
     progress: Arc<VerifyProgress>,
     queue_delay: Histogram<u64>,
     max_depth: u64,
-    /// `(topic index, partition)` the latency probe also reads.
-    sampled: Option<(usize, i32)>,
+    /// Partition of the inbound topic (index 0) the latency probe reads (-1 until chosen).
+    sampled: Option<Arc<std::sync::atomic::AtomicI32>>,
 }
 
 impl Verification {
@@ -973,7 +973,11 @@ impl Verification {
                         self.progress
                             .chunks_received
                             .fetch_add(rec.chunks, Ordering::Relaxed);
-                        let sampled = self.sampled == Some((raw.topic, raw.partition));
+                        let sampled = raw.topic == 0
+                            && self
+                                .sampled
+                                .as_ref()
+                                .is_some_and(|p| p.load(Ordering::Relaxed) == raw.partition);
                         self.ledger.audio_in(rec, raw.at, sampled);
                     }
                     None => self.ledger.malformed(),

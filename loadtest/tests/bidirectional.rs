@@ -573,7 +573,8 @@ async fn bidirectional_scenario_through_a_real_broker() {
         ..Default::default()
     };
     let opts = RunOptions {
-        latency_probe: Some(ProbeConfig { partition: 0 }),
+        // Automatic: the first partition a record arrives on.
+        latency_probe: Some(ProbeConfig { partition: None }),
         ..Default::default()
     };
     let report = scenario::run_with(Scenario::Bidirectional(bidi), cfg, opts)
@@ -624,6 +625,10 @@ async fn bidirectional_scenario_through_a_real_broker() {
     assert!(v.harness.consumer_lag.samples >= 3, "{table}");
     let p = v.probe.as_ref().expect("probe ran");
     assert!(p.chunks > 0 && p.gateway_to_receipt.count > 0, "{table}");
+    assert!(
+        (0..3).contains(&p.partition),
+        "the automatic probe chose a partition: {table}"
+    );
     let a = v.attribution.as_ref().expect("attribution");
     assert_eq!(a.probe_count, v.latency_probe_partition.count, "{table}");
     // The JSON report carries all of it.
@@ -638,7 +643,7 @@ async fn steady_with_the_latency_probe_separates_harness_lag() {
     let (brokers, prefix, addr) = setup("probe").await;
     let cfg = run_config(addr, &brokers, &prefix, 6, 100);
     let opts = RunOptions {
-        latency_probe: Some(ProbeConfig { partition: 1 }),
+        latency_probe: Some(ProbeConfig { partition: Some(1) }),
         lag_every: Duration::from_millis(250),
         ..Default::default()
     };

@@ -82,6 +82,8 @@ pub struct DrainParams {
     pub topics: Topics,
     /// Producer configuration (for rebuilds).
     pub producer_config: ClientConfig,
+    /// Partition choice (for rebuilds).
+    pub partitioning: super::partitioning::Partitioning,
     /// Fraction of `--spool-max-bytes` above which `/readyz` fails.
     pub readiness_watermark: f64,
 }
@@ -739,6 +741,7 @@ impl Drain {
             &self.params.producer_config,
             context,
             &self.params.topics.names(),
+            self.params.partitioning,
         ) {
             Ok(p) => p,
             Err(e) => {

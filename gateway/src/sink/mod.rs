@@ -21,6 +21,7 @@ pub mod budget;
 pub mod delivery;
 pub mod drain;
 pub mod kafka_config;
+pub mod partitioning;
 pub mod probe;
 pub mod producer;
 pub mod profiles;
@@ -278,6 +279,8 @@ pub struct SinkConfig {
     pub topic_partitions: i32,
     /// Replication factor for created topics.
     pub topic_replication: i32,
+    /// Which partitions this instance writes to (`--partitions-per-instance`).
+    pub partitioning: partitioning::Partitioning,
     /// Longest sleep of the drain thread between iterations.
     pub drain_interval: Duration,
     /// Fraction of the budget (and of `--spool-max-bytes`) above which `/readyz` fails.
@@ -307,6 +310,10 @@ impl SinkConfig {
             create_topics: true,
             topic_partitions: 6,
             topic_replication: 1,
+            partitioning: partitioning::Partitioning::Instance {
+                seed: 0,
+                per_instance: 1,
+            },
             drain_interval: Duration::from_millis(1),
             readiness_watermark: 0.8,
             spool: spool::SpoolConfig::memory_only(),
@@ -409,6 +416,7 @@ impl Sink {
             &producer_config,
             DeliveryContext::new(metrics.clone()),
             &topics.names(),
+            cfg.partitioning,
         )
         .map_err(|e| SinkError::Client(cfg.kafka.describe_error(&e)))?;
         let window = cfg.effective_window();
@@ -460,6 +468,7 @@ impl Sink {
                 frames_per_record: cfg.frames_per_record,
                 topics,
                 producer_config,
+                partitioning: cfg.partitioning,
                 readiness_watermark: cfg.readiness_watermark,
             },
             shared.clone(),

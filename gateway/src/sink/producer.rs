@@ -10,6 +10,10 @@
 //! All `unsafe` of the sink lives in this file; every pointer handed to librdkafka is either
 //! owned by it after a successful call (headers) or copied by it before the call returns
 //! (`RD_KAFKA_MSG_F_COPY` for key and value).
+//!
+//! With [`Partitioning::Instance`] each topic handle gets a copy of the default topic
+//! configuration plus a partitioner callback ([`instance_partitioner`]); see
+//! [`super::partitioning`].
 
 use std::ffi::CString;
 use std::os::raw::c_void;
@@ -20,6 +24,7 @@ use rdkafka::producer::{BaseProducer, Producer as _, PurgeConfig};
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::delivery::DeliveryContext;
+use super::partitioning::{pick, Partitioning};
 
 /// One topic handle; destroyed before the producer (field order in [`Producer`]).
 struct TopicHandle(*mut rdsys::rd_kafka_topic_t);
@@ -73,6 +78,36 @@ impl Drop for Headers {
     }
 }
 
+/// librdkafka's partitioner callback for [`Partitioning::Instance`]: `rkt_opaque` holds the
+/// packed seed and partitions per instance. Records without a key (status events) fall back
+/// to librdkafka's default partitioner.
+unsafe extern "C" fn instance_partitioner(
+    rkt: *const rdsys::rd_kafka_topic_t,
+    keydata: *const c_void,
+    keylen: usize,
+    partition_cnt: i32,
+    rkt_opaque: *mut c_void,
+    msg_opaque: *mut c_void,
+) -> i32 {
+    if keydata.is_null() || keylen == 0 || partition_cnt <= 0 {
+        // SAFETY: called from within a partitioner callback, as librdkafka requires.
+        return unsafe {
+            rdsys::rd_kafka_msg_partitioner_consistent_random(
+                rkt,
+                keydata,
+                keylen,
+                partition_cnt,
+                rkt_opaque,
+                msg_opaque,
+            )
+        };
+    }
+    let (seed, per_instance) = Partitioning::from_opaque(rkt_opaque as usize);
+    // SAFETY: librdkafka passes the record's key, `keylen` bytes, valid for the call.
+    let key = unsafe { std::slice::from_raw_parts(keydata.cast::<u8>(), keylen) };
+    pick(seed, per_instance, key, partition_cnt)
+}
+
 /// A producer plus one handle per topic slot.
 pub struct Producer {
     topics: Vec<TopicHandle>,
@@ -84,11 +119,13 @@ pub struct Producer {
 pub struct ProduceError(pub RDKafkaErrorCode);
 
 impl Producer {
-    /// Creates the producer and a handle for each of `topics` (slot order).
+    /// Creates the producer and a handle for each of `topics` (slot order), partitioned as
+    /// `partitioning` says.
     pub fn new(
         config: &ClientConfig,
         context: DeliveryContext,
         topics: &[String],
+        partitioning: Partitioning,
     ) -> Result<Producer, rdkafka::error::KafkaError> {
         let inner: BaseProducer<DeliveryContext> = config.create_with_context(context)?;
         let rk = inner.client().native_ptr();
@@ -97,8 +134,21 @@ impl Producer {
             let c = CString::new(name.as_str()).map_err(|_| {
                 rdkafka::error::KafkaError::ClientCreation(format!("topic name {name:?}"))
             })?;
-            // SAFETY: rk is live for the call; a null config means topic defaults.
-            let t = unsafe { rdsys::rd_kafka_topic_new(rk, c.as_ptr(), std::ptr::null_mut()) };
+            let conf = match partitioning.to_opaque() {
+                None => std::ptr::null_mut(),
+                // SAFETY: rk is live; the duplicate starts from the producer's default topic
+                // settings (acks, timeouts, ...), so only the partitioner differs. The opaque
+                // is plain bits read back by `instance_partitioner`, never dereferenced.
+                Some(bits) => unsafe {
+                    let conf = rdsys::rd_kafka_default_topic_conf_dup(rk);
+                    rdsys::rd_kafka_topic_conf_set_partitioner_cb(conf, Some(instance_partitioner));
+                    rdsys::rd_kafka_topic_conf_set_opaque(conf, bits as *mut c_void);
+                    conf
+                },
+            };
+            // SAFETY: rk is live for the call; a null config means topic defaults; a non-null
+            // one is owned by librdkafka from here on (freed by it on failure too).
+            let t = unsafe { rdsys::rd_kafka_topic_new(rk, c.as_ptr(), conf) };
             if t.is_null() {
                 return Err(rdkafka::error::KafkaError::ClientCreation(format!(
                     "topic handle for {name}"
