@@ -2,8 +2,8 @@
 //!
 //! A second, deliberately light consumer on its own thread and its own librdkafka client,
 //! assigned to one partition of `<prefix>.audio.inbound` (by default the first one a record
-//! arrives on). It verifies nothing: per record it
-//! stamps the receipt time, then computes three latencies and drops the record:
+//! arrives on). It verifies nothing: per record it stamps the receipt time, then computes three
+//! latencies and drops the record:
 //!
 //! - *send → receipt*, per chunk: receipt − the chunk's scheduled send time (the same
 //!   definition the full verifier uses, so the two compare record for record on this
