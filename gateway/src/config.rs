@@ -792,7 +792,18 @@ impl Config {
                 Assignment::Instance { index, .. } => Some(*index),
                 _ => None,
             };
-            match raw.as_deref().unwrap_or("1") {
+            // librdkafka's `partitioner` setting is the user asking for key hashing: it keeps
+            // the old spread unless --partitions-per-instance says otherwise, which conflicts.
+            let user_partitioner = kafka_options.iter().any(|o| o.key == "partitioner");
+            match raw.as_deref() {
+                Some(n) if user_partitioner && n != "all" => errors.push(format!(
+                    "--partitions-per-instance {n} and --kafka-option partitioner=... both choose \
+                     partitions: drop one (or use --partitions-per-instance all)"
+                )),
+                _ => {}
+            }
+            let default = if user_partitioner { "all" } else { "1" };
+            match raw.as_deref().unwrap_or(default) {
                 "all" => Partitioning::Key,
                 n => match n.parse::<u32>() {
                     Ok(n) if (1..=MAX_PER_INSTANCE).contains(&n) => Partitioning::Instance {
@@ -1102,6 +1113,17 @@ mod tests {
         assert!(c.to_toml().contains("partitions_per_instance = 3"));
         let c = parse(&["--partitions-per-instance", "all"]).unwrap();
         assert_eq!(c.sink.partitioning, Partitioning::Key);
+        // A librdkafka partitioner setting means key hashing, and conflicts with a number.
+        let c = parse(&["--kafka-option", "partitioner=murmur2_random"]).unwrap();
+        assert_eq!(c.sink.partitioning, Partitioning::Key);
+        let errs = parse(&[
+            "--kafka-option",
+            "partitioner=murmur2_random",
+            "--partitions-per-instance",
+            "2",
+        ])
+        .unwrap_err();
+        assert!(errs[0].contains("both choose partitions"), "{errs:?}");
         assert!(c.to_toml().contains("partitions_per_instance = \"all\""));
         for bad in ["0", "10001", "some"] {
             let errs = parse(&["--partitions-per-instance", bad]).unwrap_err();
