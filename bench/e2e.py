@@ -292,7 +292,9 @@ def gateway_partitions_per_track(a):
             if v.startswith(name + "="):
                 return v.split("=", 1)[1]
         return default
-    n = flag("--partitions-per-instance", "1")
+    # A librdkafka partitioner option makes the gateway's default `all` (config.rs).
+    partitioner = any("partitioner=" in v for v in args)
+    n = flag("--partitions-per-instance", "all" if partitioner else "1")
     total = int(flag("--topic-partitions", "6"))
     return total if n == "all" else min(int(n), total)
 

@@ -794,7 +794,9 @@ impl Config {
             };
             // librdkafka's `partitioner` setting is the user asking for key hashing: it keeps
             // the old spread unless --partitions-per-instance says otherwise, which conflicts.
-            let user_partitioner = kafka_options.iter().any(|o| o.key == "partitioner");
+            let user_partitioner = kafka_options
+                .iter()
+                .any(|o| o.key == "partitioner" || o.key == "topic.partitioner");
             match raw.as_deref() {
                 Some(n) if user_partitioner && n != "all" => errors.push(format!(
                     "--partitions-per-instance {n} and --kafka-option partitioner=... both choose \
@@ -1115,6 +1117,8 @@ mod tests {
         assert_eq!(c.sink.partitioning, Partitioning::Key);
         // A librdkafka partitioner setting means key hashing, and conflicts with a number.
         let c = parse(&["--kafka-option", "partitioner=murmur2_random"]).unwrap();
+        assert_eq!(c.sink.partitioning, Partitioning::Key);
+        let c = parse(&["--kafka-option", "topic.partitioner=fnv1a"]).unwrap();
         assert_eq!(c.sink.partitioning, Partitioning::Key);
         let errs = parse(&[
             "--kafka-option",

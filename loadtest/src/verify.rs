@@ -387,8 +387,12 @@ pub struct Ledger {
     audio: Arc<ChunkTable>,
     streams: HashMap<String, StreamLedger>,
     latency: Histogram<u64>,
-    /// Latency of the records on the latency probe's partition only.
-    latency_sampled: Histogram<u64>,
+    /// Latency of inbound records per partition, kept while a probe runs; the summary reports
+    /// the probe's partition (decided by the probe at any time, so every partition is kept:
+    /// the verifier may see that partition's first records before the probe has chosen).
+    latency_by_partition: Vec<Histogram<u64>>,
+    /// The partition the latency probe read (-1: none), set before [`Ledger::summary`].
+    pub probe_partition: i32,
     summary: VerifySummary,
     /// Live mirror of the latency histogram, when someone watches windows of it.
     mirror: Option<Arc<VerifyProgress>>,
@@ -401,7 +405,8 @@ impl Ledger {
             audio,
             streams: HashMap::new(),
             latency: new_histogram(),
-            latency_sampled: new_histogram(),
+            latency_by_partition: Vec::new(),
+            probe_partition: -1,
             summary: VerifySummary::default(),
             mirror: None,
         }
@@ -450,12 +455,13 @@ impl Ledger {
 
     /// Accounts one audio record received at `at`.
     pub fn audio(&mut self, rec: AudioRecord<'_>, at: Instant) {
-        self.audio_in(rec, at, false);
+        self.audio_in(rec, at, None);
     }
 
-    /// Accounts one audio record received at `at`; `sampled` records also feed the
-    /// latency histogram of the probe's partition (the same records the probe times).
-    pub fn audio_in(&mut self, rec: AudioRecord<'_>, at: Instant, sampled: bool) {
+    /// Accounts one audio record received at `at`; with `inbound_partition` (an inbound record
+    /// while a probe runs) it also feeds that partition's latency histogram, from which the
+    /// summary takes the probe's (the same records the probe times).
+    pub fn audio_in(&mut self, rec: AudioRecord<'_>, at: Instant, inbound_partition: Option<i32>) {
         self.summary.audio_records += 1;
         let Some(s) = self.streams.get_mut(rec.sid) else {
             self.summary.foreign_records += 1;
@@ -506,8 +512,11 @@ impl Ledger {
             let due = chunk_due(&s.reg, chunk);
             let us = (at.saturating_duration_since(due).as_micros() as u64).clamp(1, 3_600_000_000);
             let _ = self.latency.record(us);
-            if sampled {
-                let _ = self.latency_sampled.record(us);
+            if let Some(p) = inbound_partition.and_then(|p| usize::try_from(p).ok()) {
+                while self.latency_by_partition.len() <= p {
+                    self.latency_by_partition.push(new_histogram());
+                }
+                let _ = self.latency_by_partition[p].record(us);
             }
             if let Some(m) = &self.mirror {
                 if let Ok(mut h) = m.latency.lock() {
@@ -621,7 +630,12 @@ impl Ledger {
         };
         out.latency = Percentiles::of(&self.latency);
         out.latency_buckets = chart_buckets(&self.latency);
-        out.latency_probe_partition = Percentiles::of(&self.latency_sampled);
+        if let Some(h) = usize::try_from(self.probe_partition)
+            .ok()
+            .and_then(|p| self.latency_by_partition.get(p))
+        {
+            out.latency_probe_partition = Percentiles::of(h);
+        }
         out
     }
 }
@@ -798,6 +812,8 @@ impl KafkaVerifier {
                     v.record(r);
                 }
                 let rs = rx_thread.join().unwrap_or_default();
+                v.ledger.probe_partition =
+                    v.sampled.as_ref().map_or(-1, |p| p.load(Ordering::Relaxed));
                 let mut summary = v.ledger.summary();
                 summary.consumer_errors += rs.errors;
                 summary.harness = HarnessLag {
@@ -900,7 +916,8 @@ struct Verification {
     progress: Arc<VerifyProgress>,
     queue_delay: Histogram<u64>,
     max_depth: u64,
-    /// Partition of the inbound topic (index 0) the latency probe reads (-1 until chosen).
+    /// Partition of the inbound topic (index 0) the latency probe reads (-1 until chosen);
+    /// `Some` while a probe runs.
     sampled: Option<Arc<std::sync::atomic::AtomicI32>>,
 }
 
@@ -973,12 +990,9 @@ impl Verification {
                         self.progress
                             .chunks_received
                             .fetch_add(rec.chunks, Ordering::Relaxed);
-                        let sampled = raw.topic == 0
-                            && self
-                                .sampled
-                                .as_ref()
-                                .is_some_and(|p| p.load(Ordering::Relaxed) == raw.partition);
-                        self.ledger.audio_in(rec, raw.at, sampled);
+                        let inbound =
+                            (raw.topic == 0 && self.sampled.is_some()).then_some(raw.partition);
+                        self.ledger.audio_in(rec, raw.at, inbound);
                     }
                     None => self.ledger.malformed(),
                 }

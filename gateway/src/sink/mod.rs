@@ -411,6 +411,17 @@ impl Sink {
     /// background; nothing here waits for the brokers).
     pub fn start(cfg: &SinkConfig, metrics: Arc<Metrics>) -> Result<Sink, SinkError> {
         let topics = cfg.topics();
+        match cfg.partitioning {
+            partitioning::Partitioning::Key => {
+                tracing::info!("uplink partitions: librdkafka's key hash over every partition")
+            }
+            partitioning::Partitioning::Instance { seed, per_instance } => tracing::info!(
+                seed,
+                per_instance,
+                "uplink partitions: {per_instance} per topic from partition \
+                 (seed mod partitions) x {per_instance}"
+            ),
+        }
         let producer_config = cfg.producer_config();
         let producer = Producer::new(
             &producer_config,

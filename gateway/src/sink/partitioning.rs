@@ -1,7 +1,8 @@
 //! Which partition a stream's records go to.
 //!
 //! Every record of a stream carries the stream's `streamSid` as its key and lands in one
-//! partition per topic, so consumers read each stream in order. Two ways to pick it
+//! partition per topic, so consumers read each stream in order (the same partition number on
+//! topics with the same partition count). Two ways to pick it
 //! (`--partitions-per-instance`):
 //!
 //! - **`all`**: librdkafka's partitioner on the key (`consistent_random`): streams spread over

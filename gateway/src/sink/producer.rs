@@ -79,8 +79,9 @@ impl Drop for Headers {
 }
 
 /// librdkafka's partitioner callback for [`Partitioning::Instance`]: `rkt_opaque` holds the
-/// packed seed and partitions per instance. Records without a key (status events) fall back
-/// to librdkafka's default partitioner.
+/// packed seed and partitions per instance. Records without a key (events of a connection
+/// that never sent `start`) normally go to librdkafka's sticky partitioner without calling
+/// this; with `sticky.partitioning.linger.ms=0` they arrive here and get its default one.
 unsafe extern "C" fn instance_partitioner(
     rkt: *const rdsys::rd_kafka_topic_t,
     keydata: *const c_void,
