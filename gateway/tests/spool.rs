@@ -135,6 +135,18 @@ fn track_of<'a>(recs: &'a [Record], sid: &str, track: &str) -> Vec<&'a Record> {
     v
 }
 
+/// Whether every `(streamSid, chunk)` of `expected` is among the inbound audio of `recs`. A
+/// consume loop must wait for this, not only for the `stop` events: the events topic is read
+/// in parallel with the audio partitions and can be caught up first.
+fn has_inbound(recs: &[Record], expected: &HashSet<(String, u64)>) -> bool {
+    let got: HashSet<(String, u64)> = recs
+        .iter()
+        .filter(|r| r.topic.ends_with(".audio.inbound"))
+        .filter_map(|r| Some((r.key.clone()?, r.h("chunk").parse().ok()?)))
+        .collect();
+    expected.iter().all(|k| got.contains(k))
+}
+
 fn terminal_events(recs: &[Record]) -> HashMap<String, Vec<serde_json::Value>> {
     let mut out: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
     for r in recs.iter().filter(|r| r.topic.ends_with(".events")) {
@@ -369,15 +381,16 @@ async fn kill_9_during_an_outage_then_a_restart_delivers_every_record_that_reach
     outage.end();
     let b = Gateway::start_with_prefix(&prefix, &argv);
     let n = sids.len();
-    let recs = consume(&b, all_topics(&b), 90, move |r| {
-        count_events(r, "stop") >= n
-    })
-    .await;
     let audio = speech();
     let expected: HashSet<(String, u64)> = audio_on_disk
         .iter()
         .map(|r| (r.stream_sid.clone(), r.chunk))
         .collect();
+    let want = expected.clone();
+    let recs = consume(&b, all_topics(&b), 90, move |r| {
+        count_events(r, "stop") >= n && has_inbound(r, &want)
+    })
+    .await;
     let mut seen: HashMap<(String, u64), usize> = HashMap::new();
     for s in &sids {
         let mine = track_of(&recs, s, "inbound");
@@ -488,8 +501,13 @@ async fn damaged_and_foreign_files_in_the_spool_are_counted_and_skipped_never_fa
     outage.end();
     let b = Gateway::start_with_prefix(&prefix, &argv);
     let n = sids.len();
+    let on_disk: HashSet<(String, u64)> = listed
+        .iter()
+        .filter(|r| r.kind == "audio")
+        .map(|r| (r.stream_sid.clone(), r.chunk))
+        .collect();
     let recs = consume(&b, all_topics(&b), 90, move |r| {
-        count_events(r, "stop") >= n
+        count_events(r, "stop") >= n && has_inbound(r, &on_disk)
     })
     .await;
     // Give the drain a moment to reach the damaged copies after the real segments.
