@@ -173,15 +173,7 @@ fn lock_first_partition(
     stop: &AtomicBool,
     p: &mut Probe,
 ) -> Option<(i32, i64)> {
-    while !stop.load(Ordering::Relaxed) {
-        let Some(res) = consumer.poll(Duration::from_millis(20)) else {
-            while let Ok(m) = regs.try_recv() {
-                p.apply(m);
-            }
-            continue;
-        };
-        let at = Instant::now();
-        let Ok(msg) = res else { continue };
+    while let Some((msg, at)) = next_record(consumer, regs, stop, p) {
         let (part, next) = (msg.partition(), msg.offset() + 1);
         let mut tpl = TopicPartitionList::new();
         if tpl
@@ -304,6 +296,20 @@ fn probe_loop(
     stop: &AtomicBool,
     p: &mut Probe,
 ) {
+    while let Some((msg, at)) = next_record(consumer, regs, stop, p) {
+        tracker.received(0, msg.partition(), msg.offset());
+        time_record(&msg, at, regs, p);
+    }
+}
+
+/// Polls until a record arrives (returned with its receipt stamp) or `stop` is set (`None`),
+/// applying stream registrations while idle.
+fn next_record<'c>(
+    consumer: &'c BaseConsumer,
+    regs: &mpsc::Receiver<RegMsg>,
+    stop: &AtomicBool,
+    p: &mut Probe,
+) -> Option<(rdkafka::message::BorrowedMessage<'c>, Instant)> {
     while !stop.load(Ordering::Relaxed) {
         let Some(res) = consumer.poll(Duration::from_millis(20)) else {
             while let Ok(m) = regs.try_recv() {
@@ -312,10 +318,11 @@ fn probe_loop(
             continue;
         };
         let at = Instant::now();
-        let Ok(msg) = res else { continue };
-        tracker.received(0, msg.partition(), msg.offset());
-        time_record(&msg, at, regs, p);
+        if let Ok(msg) = res {
+            return Some((msg, at));
+        }
     }
+    None
 }
 
 /// Reads the headers the probe needs from one record received at `at` and times it.
