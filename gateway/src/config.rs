@@ -106,7 +106,7 @@ pub struct RunArgs {
     /// bidirectional streams off) [default: true].
     #[arg(long, env = "GATEWAY_PLAYBACK", num_args = 0..=1, default_missing_value = "true")]
     pub playback: Option<bool>,
-    /// Playback partitions this instance reads, e.g. `0-3,8` [default: all, or by
+    /// Playback partitions this instance reads, e.g. `0-3,8`, or `all` [default: all, or by
     /// --instance-index/--instance-count].
     #[arg(long, env = "GATEWAY_PLAYBACK_PARTITIONS", value_name = "LIST")]
     pub playback_partitions: Option<String>,
@@ -226,7 +226,7 @@ struct FileConfig {
     max_handshakes_per_source: Option<u32>,
     playback: Option<bool>,
     playback_partitions: Option<String>,
-    instance_index: Option<String>,
+    instance_index: Option<NumberOrWord>,
     instance_count: Option<u32>,
     playback_buffer: Option<String>,
     playback_max_bytes: Option<u64>,
@@ -236,7 +236,7 @@ struct FileConfig {
     create_topics: Option<bool>,
     topic_partitions: Option<i32>,
     topic_replication: Option<i32>,
-    partitions_per_instance: Option<PerInstance>,
+    partitions_per_instance: Option<NumberOrWord>,
     gateway_id: Option<String>,
     max_message_bytes: Option<usize>,
     max_inflight_bytes: Option<u64>,
@@ -266,12 +266,22 @@ struct FileConfig {
     twiml_parameters: Option<Vec<String>>,
 }
 
-/// `partitions_per_instance` in a file: a number or `"all"`.
+/// A file value that is a number or a word: `partitions_per_instance` (`4` or `"all"`) and
+/// `instance_index` (`2` or `"auto"`; a quoted number is accepted too).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-enum PerInstance {
+enum NumberOrWord {
     Number(u32),
     Word(String),
+}
+
+impl NumberOrWord {
+    fn into_string(self) -> String {
+        match self {
+            NumberOrWord::Number(n) => n.to_string(),
+            NumberOrWord::Word(w) => w,
+        }
+    }
 }
 
 /// Log output format.
@@ -725,13 +735,17 @@ impl Config {
                 .unwrap_or(256),
         };
         let playback_enabled = args.playback.or(file.playback).unwrap_or(true);
-        let instance_index = args.instance_index.or(file.instance_index);
+        let instance_index = args
+            .instance_index
+            .or(file.instance_index.map(NumberOrWord::into_string));
         let instance_count = args.instance_count.or(file.instance_count);
         let partitions = match (
             args.playback_partitions.or(file.playback_partitions),
             instance_index,
             instance_count,
         ) {
+            // `all` is the default spelled out (what `print-config` writes for it).
+            (Some(list), None, None) if list.trim() == "all" => Assignment::All,
             (Some(list), None, None) => match parse_list(&list) {
                 Ok(l) => Assignment::Explicit(l),
                 Err(e) => {
@@ -783,11 +797,7 @@ impl Config {
         let partitioning = {
             let raw = args
                 .partitions_per_instance
-                .or(match file.partitions_per_instance {
-                    Some(PerInstance::Number(n)) => Some(n.to_string()),
-                    Some(PerInstance::Word(w)) => Some(w),
-                    None => None,
-                });
+                .or(file.partitions_per_instance.map(NumberOrWord::into_string));
             let instance = match &partitions {
                 Assignment::Instance { index, .. } => Some(*index),
                 _ => None,
@@ -1043,6 +1053,20 @@ impl Config {
             ("spool_memory_bytes", sink.spool.memory_bytes.to_string()),
             ("spool_spill_after", ms(sink.spool.spill_after)),
         ];
+        let mut lines = Vec::from(lines);
+        // The file form of an index/count assignment is those two keys (the key
+        // `playback_partitions` takes a list or `all`), so the output reads back as a file.
+        if let Assignment::Instance { index, count } = self.playback.partitions {
+            if let Some(at) = lines.iter().position(|(k, _)| *k == "playback_partitions") {
+                lines.splice(
+                    at..=at,
+                    [
+                        ("instance_index", index.to_string()),
+                        ("instance_count", count.to_string()),
+                    ],
+                );
+            }
+        }
         let mut s = String::new();
         for (k, v) in lines {
             s.push_str(&format!("{k} = {v}\n"));
@@ -1232,6 +1256,92 @@ mod tests {
         let printed = format!("{}\n{c:?}", c.to_toml());
         assert!(!printed.contains("s3cr3t"), "{printed}");
         assert!(printed.contains("alice") && printed.contains("broker,topic"));
+    }
+
+    /// `print-config` writes a file that reads back to the same configuration (secrets aside:
+    /// they are redacted, so they are written as comments and must come from elsewhere).
+    #[test]
+    fn print_config_reads_back_as_a_config_file() {
+        let dir = std::env::temp_dir().join(format!("gwprint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spool = dir.join("spool");
+        let cases: Vec<Vec<&str>> = vec![
+            vec![],
+            vec![
+                "--instance-index",
+                "1",
+                "--instance-count",
+                "3",
+                "--partitions-per-instance",
+                "2",
+            ],
+            vec!["--playback-partitions", "0-2,5", "--playback=false"],
+            vec![
+                "--partitions-per-instance",
+                "all",
+                "--playback-partitions",
+                "all",
+            ],
+            vec![
+                "--profile",
+                "asr:rate=16000",
+                "--allow-cidr",
+                "10.0.0.0/8",
+                "--trusted-proxy",
+                "127.0.0.1/32",
+                "--spool-dir",
+                spool.to_str().unwrap(),
+                "--spool-max-bytes",
+                "1000000",
+                "--kafka-option",
+                "linger.ms=7",
+                "--kafka-option",
+                "debug=broker,topic",
+            ],
+        ];
+        for (i, args) in cases.iter().enumerate() {
+            let first = parse(args).unwrap_or_else(|e| panic!("case {i} {args:?}: {e:?}"));
+            let file = dir.join(format!("case{i}.toml"));
+            std::fs::write(&file, first.to_toml()).unwrap();
+            let again = parse(&["--config", file.to_str().unwrap()])
+                .unwrap_or_else(|e| panic!("case {i}: printed file does not read back: {e:?}"));
+            // Same text, except that the file's `[kafka_options]` table comes back in key order.
+            let split = |t: String| {
+                let (head, table) = t.split_once("\n[kafka_options]\n").unwrap_or((&t, ""));
+                let mut table: Vec<String> = table.lines().map(str::to_owned).collect();
+                table.sort();
+                (head.to_owned(), table)
+            };
+            assert_eq!(
+                split(first.to_toml()),
+                split(again.to_toml()),
+                "case {i} {args:?}"
+            );
+            assert_eq!(
+                first.playback.partitions, again.playback.partitions,
+                "case {i}"
+            );
+            assert_eq!(first.sink.partitioning, again.sink.partitioning, "case {i}");
+        }
+        // A secret is printed as a comment: read back, it is absent, never `<redacted>`.
+        let c = parse(&["--kafka-option", "sasl.password=hunter2"]).unwrap();
+        let printed = c.to_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        let file = dir.join("secret.toml");
+        std::fs::write(&file, &printed).unwrap();
+        let again = parse(&["--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!(again.sink.kafka.get("sasl.password"), None, "{printed}");
+        // A file may give the index as a number or as a string.
+        std::fs::write(&file, "instance_index = 2\ninstance_count = 4\n").unwrap();
+        let n = parse(&["--config", file.to_str().unwrap()]).unwrap();
+        std::fs::write(&file, "instance_index = \"2\"\ninstance_count = 4\n").unwrap();
+        let w = parse(&["--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            n.playback.partitions,
+            Assignment::Instance { index: 2, count: 4 }
+        );
+        assert_eq!(w.playback.partitions, n.playback.partitions);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

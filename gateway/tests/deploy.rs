@@ -857,10 +857,8 @@ fn k8s_pod_environment_is_accepted_by_the_gateway() {
             .unwrap_or_else(|| panic!("{k} not in print-config:\n{out}"))
     };
     let count = &env["GATEWAY_INSTANCE_COUNT"];
-    assert_eq!(
-        line("playback_partitions"),
-        format!("\"instance {} of {count}\"", max - 1)
-    );
+    assert_eq!(line("instance_index"), (max - 1).to_string());
+    assert_eq!(line("instance_count"), count.as_str());
     assert_eq!(line("gateway_id"), format!("{pod_name:?}"));
     assert_eq!(line("topic_partitions"), env["GATEWAY_TOPIC_PARTITIONS"]);
     assert_eq!(

@@ -196,7 +196,10 @@ impl KafkaOptions {
         if !self.options.is_empty() {
             s.push_str("\n[kafka_options]\n");
             for o in &self.options {
-                s.push_str(&format!("{:?} = {:?}\n", o.key, o.shown_value()));
+                // A redacted value is written as a comment: read back, the file must not set
+                // a password to the literal `<redacted>`.
+                let comment = if is_sensitive(&o.key) { "# " } else { "" };
+                s.push_str(&format!("{comment}{:?} = {:?}\n", o.key, o.shown_value()));
             }
         }
         s
