@@ -186,6 +186,10 @@ struct Common {
     /// gateway with --partitions-per-instance writes to a few partitions only).
     #[arg(long, default_value = "auto")]
     latency_probe_partition: String,
+    /// Seconds per window of the probe's per-window percentiles (report: probe.windows);
+    /// 0 = overall percentiles only.
+    #[arg(long, default_value_t = 10.0)]
+    latency_window: f64,
     /// Seconds between consumer-lag samples (high watermark − position).
     #[arg(long, default_value_t = 1.0)]
     lag_every: f64,
@@ -340,13 +344,14 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, RunOptions, &Common), Vec<St
             }
         },
     };
-    let mut durs = [Duration::ZERO; 5];
+    let mut durs = [Duration::ZERO; 6];
     for (i, (v, n)) in [
         (c.grace, "grace"),
         (c.metrics_every, "metrics-every"),
         (c.handshake_timeout, "handshake-timeout"),
         (c.close_timeout, "close-timeout"),
         (c.lag_every, "lag-every"),
+        (c.latency_window, "latency-window"),
     ]
     .into_iter()
     .enumerate()
@@ -418,6 +423,7 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, RunOptions, &Common), Vec<St
     let opts = RunOptions {
         latency_probe: c.latency_probe.then_some(ProbeConfig {
             partition: probe_partition,
+            window: (!durs[5].is_zero()).then_some(durs[5]),
         }),
         lag_every: durs[4],
         verify_queue: c.verify_queue.max(1),

@@ -87,6 +87,43 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// Cumulative buckets `(le, count)` of the unlabelled histogram `name`, in the order listed
+/// (`le="+Inf"` is `f64::INFINITY`). Empty when the histogram is not in `text`.
+pub fn histogram_buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let le = rest.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = rest[rest.find('}')? + 1..]
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((le, count))
+        })
+        .collect()
+}
+
+/// The upper bound (`le`) of the bucket holding quantile `q` of the observations made between
+/// two scrapes of one histogram (`before` may be empty: everything counts). `None` when no
+/// observation was made in between.
+pub fn quantile_bound(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let delta = |i: usize| after[i].1 - before.get(i).map_or(0.0, |b| b.1);
+    let total = delta(after.len().checked_sub(1)?);
+    if total <= 0.0 {
+        return None;
+    }
+    (0..after.len())
+        .find(|&i| delta(i) >= q * total)
+        .map(|i| after[i].0)
+}
+
 /// Scrapes `url` and returns `process_resident_memory_bytes`.
 pub async fn gateway_rss(url: &str) -> Result<f64, ScrapeError> {
     let text = fetch(url, Duration::from_secs(5)).await?;
@@ -111,5 +148,28 @@ mod tests {
         );
         assert_eq!(metric_value(text, "gateway_streams"), Some(42.0));
         assert_eq!(metric_value(text, "nope"), None);
+    }
+
+    #[test]
+    fn histogram_quantile_bounds_between_two_scrapes() {
+        let scrape = |a: u32, b: u32, c: u32| {
+            format!(
+                "# TYPE h histogram\nh_bucket{{le=\"0.01\"}} {a}\nh_bucket{{le=\"0.05\"}} {b}\n\
+                 h_bucket{{le=\"+Inf\"}} {c}\nh_sum 1\nh_count {c}\nh2_bucket{{le=\"1\"}} 9\n"
+            )
+        };
+        let first = histogram_buckets(&scrape(90, 99, 100), "h");
+        assert_eq!(
+            first,
+            vec![(0.01, 90.0), (0.05, 99.0), (f64::INFINITY, 100.0)]
+        );
+        assert_eq!(quantile_bound(&[], &first, 0.5), Some(0.01));
+        assert_eq!(quantile_bound(&[], &first, 0.99), Some(0.05));
+        // Between the scrapes: 10 new observations, 2 ≤ 10 ms, 9 ≤ 50 ms, 1 above.
+        let second = histogram_buckets(&scrape(92, 108, 110), "h");
+        assert_eq!(quantile_bound(&first, &second, 0.5), Some(0.05));
+        assert_eq!(quantile_bound(&first, &second, 0.99), Some(f64::INFINITY));
+        assert_eq!(quantile_bound(&second, &second, 0.5), None);
+        assert!(histogram_buckets(&scrape(1, 2, 3), "nope").is_empty());
     }
 }

@@ -38,6 +38,20 @@ pub struct ProbeConfig {
     /// arrives on (a gateway that keeps its streams on a few partitions,
     /// `--partitions-per-instance`, leaves the others empty).
     pub partition: Option<i32>,
+    /// Also summarise each window of this length (`--latency-window`), so a long run shows
+    /// when its latency moved, not only its overall percentiles.
+    pub window: Option<Duration>,
+}
+
+/// The probe's latency over one window of the run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ProbeWindow {
+    /// Window end, seconds since the probe started.
+    pub end_s: f64,
+    /// Scheduled send → probe receipt, chunks received in the window.
+    pub send_to_receipt: Percentiles,
+    /// Gateway receive → probe receipt, records received in the window.
+    pub gateway_to_receipt: Percentiles,
 }
 
 /// What the probe measured.
@@ -65,6 +79,8 @@ pub struct ProbeSummary {
     pub consumer_lag: ConsumerLag,
     /// The partition did not exist when the run started.
     pub missing: bool,
+    /// Per window (`--latency-window`), in order; empty without windows.
+    pub windows: Vec<ProbeWindow>,
 }
 
 /// Handle to the probe thread.
@@ -98,10 +114,14 @@ impl LatencyProbe {
             ..Default::default()
         };
         let brokers = cfg.brokers.clone();
+        let window = probe.window;
         let thread = std::thread::Builder::new()
             .name("probe".into())
             .spawn(move || {
                 let mut p = Probe::new();
+                if let Some(w) = window {
+                    p.set_window(w);
+                }
                 let assignment = if assignment.missing_topics.is_empty() && probe_auto(&partition2)
                 {
                     match lock_first_partition(&consumer, &topic, &rx, &stop2, &mut p) {
@@ -201,6 +221,39 @@ pub struct Probe {
     send_to_receipt: Histogram<u64>,
     gateway_to_receipt: Histogram<u64>,
     send_to_gateway: Histogram<u64>,
+    window: Option<Window>,
+}
+
+/// The open window and the closed ones.
+#[derive(Debug)]
+struct Window {
+    len: Duration,
+    started: Instant,
+    ends: Instant,
+    send_to_receipt: Histogram<u64>,
+    gateway_to_receipt: Histogram<u64>,
+    closed: Vec<ProbeWindow>,
+}
+
+impl Window {
+    /// Closes every window that ended by `now` (an empty one too: a stall shows as a window
+    /// without records).
+    fn advance(&mut self, now: Instant) {
+        while now >= self.ends {
+            self.close();
+            self.ends += self.len;
+        }
+    }
+
+    fn close(&mut self) {
+        self.closed.push(ProbeWindow {
+            end_s: (self.ends - self.started).as_secs_f64(),
+            send_to_receipt: Percentiles::of(&self.send_to_receipt),
+            gateway_to_receipt: Percentiles::of(&self.gateway_to_receipt),
+        });
+        self.send_to_receipt.reset();
+        self.gateway_to_receipt.reset();
+    }
 }
 
 impl Default for Probe {
@@ -226,6 +279,27 @@ impl Probe {
             send_to_receipt: new_histogram(),
             gateway_to_receipt: new_histogram(),
             send_to_gateway: new_histogram(),
+            window: None,
+        }
+    }
+
+    /// Also keeps percentiles per window of `len`, from now.
+    pub fn set_window(&mut self, len: Duration) {
+        let now = Instant::now();
+        self.window = (!len.is_zero()).then(|| Window {
+            len,
+            started: now,
+            ends: now + len,
+            send_to_receipt: new_histogram(),
+            gateway_to_receipt: new_histogram(),
+            closed: Vec::new(),
+        });
+    }
+
+    /// Closes the windows that ended by `now` (called on every poll, records or not).
+    pub fn tick(&mut self, now: Instant) {
+        if let Some(w) = &mut self.window {
+            w.advance(now);
         }
     }
 
@@ -257,15 +331,24 @@ impl Probe {
             return;
         };
         let at_unix = self.clock.unix_us(at);
+        if let Some(w) = &mut self.window {
+            w.advance(at);
+        }
         for c in chunk..chunk + chunks.max(1) {
             let due = chunk_due(reg, c);
-            let _ = self.send_to_receipt.record(us_clamped(
-                at.saturating_duration_since(due).as_micros() as i64,
-            ));
+            let v = us_clamped(at.saturating_duration_since(due).as_micros() as i64);
+            let _ = self.send_to_receipt.record(v);
+            if let Some(w) = &mut self.window {
+                let _ = w.send_to_receipt.record(v);
+            }
             self.chunks += 1;
         }
         if let Some(gw) = received_at_us {
-            let _ = self.gateway_to_receipt.record(us_clamped(at_unix - gw));
+            let v = us_clamped(at_unix - gw);
+            let _ = self.gateway_to_receipt.record(v);
+            if let Some(w) = &mut self.window {
+                let _ = w.gateway_to_receipt.record(v);
+            }
             let sent = self.clock.unix_us(chunk_due(reg, chunk));
             let _ = self.send_to_gateway.record(us_clamped(gw - sent));
         }
@@ -277,8 +360,16 @@ impl Probe {
         self.malformed += 1;
     }
 
-    /// Writes the results into `s`.
-    pub fn fill(&self, s: &mut ProbeSummary) {
+    /// Writes the results into `s` (the open window is closed first, if it holds records).
+    pub fn fill(&mut self, s: &mut ProbeSummary) {
+        if let Some(w) = &mut self.window {
+            w.advance(Instant::now());
+            if !w.send_to_receipt.is_empty() {
+                w.ends = Instant::now();
+                w.close();
+            }
+            s.windows = std::mem::take(&mut w.closed);
+        }
         s.records = self.records;
         s.chunks = self.chunks;
         s.foreign_records = self.foreign;
@@ -315,6 +406,7 @@ fn next_record<'c>(
             while let Ok(m) = regs.try_recv() {
                 p.apply(m);
             }
+            p.tick(Instant::now());
             continue;
         };
         let at = Instant::now();

@@ -66,6 +66,22 @@ pub struct RssReport {
     pub samples: Vec<(f64, f64)>,
 }
 
+/// The gateway's receive → broker ack latency over one metrics interval, read from the
+/// difference of two scrapes of `gateway_receive_to_ack_latency_seconds`. A Prometheus
+/// histogram only knows its buckets, so each quantile is given as the upper bound of the bucket
+/// that holds it (10, 20, 30, 50, 75, 100 ms … ; `null` = above the last bucket).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AckWindow {
+    /// Interval end, seconds since the run started.
+    pub end_s: f64,
+    /// Records acknowledged in the interval.
+    pub records: u64,
+    /// Median is at most this, ms.
+    pub p50_le_ms: f64,
+    /// 99th percentile is at most this, ms.
+    pub p99_le_ms: f64,
+}
+
 /// One step of a ramp.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RampStep {
@@ -164,6 +180,9 @@ pub struct Report {
     pub verification: Option<VerifySummary>,
     /// Gateway memory, when `--gateway-metrics` was given.
     pub gateway_rss: Option<RssReport>,
+    /// The gateway's own receive → broker acknowledgement latency per `--metrics-every`
+    /// interval, when `--gateway-metrics` was given (from its Prometheus histogram).
+    pub gateway_ack_latency: Option<Vec<AckWindow>>,
     /// Ramp steps, for the ramp scenario.
     pub ramp: Option<RampReport>,
     /// Echo bot and downlink results, for the bidirectional scenario.
@@ -287,6 +306,18 @@ impl Report {
                     "  probe                  records={} chunks={} foreign={} malformed={} consumer lag max={} records",
                     p.records, p.chunks, p.foreign_records, p.malformed_records, p.consumer_lag.max_records
                 );
+                if !p.windows.is_empty() {
+                    let _ = writeln!(
+                        s,
+                        "  probe p99 by window    {} ms (windows of {:.1} s from the probe's start)",
+                        p.windows
+                            .iter()
+                            .map(|w| format!("{:.0}", w.send_to_receipt.p99_ms))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        p.windows[0].end_s
+                    );
+                }
             }
             if let Some(a) = &v.attribution {
                 let _ = writeln!(
@@ -319,6 +350,23 @@ impl Report {
                 s,
                 "  gateway RSS            start={:.1} MiB end={:.1} MiB max={:.1} MiB ({} samples, {} scrape errors)",
                 mb(r.start_bytes), mb(r.end_bytes), mb(r.max_bytes), r.samples.len(), r.scrape_errors
+            );
+        }
+        if let Some(w) = self.gateway_ack_latency.as_ref().filter(|w| !w.is_empty()) {
+            let le = |v: f64| {
+                if v.is_finite() {
+                    format!("{v:.0}")
+                } else {
+                    "inf".into()
+                }
+            };
+            let _ = writeln!(
+                s,
+                "  gateway recv→ack p99 ≤ {} ms by scrape interval (bucket bounds)",
+                w.iter()
+                    .map(|w| le(w.p99_le_ms))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
         }
         if let Some(b) = &self.bidirectional {

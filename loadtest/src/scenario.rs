@@ -12,7 +12,9 @@ use crate::downlink::DownlinkVerifier;
 use crate::echo::{EchoBot, EchoConfig, EchoEncoding, EchoError};
 use crate::metrics;
 use crate::probe::ProbeConfig;
-use crate::report::{BidiReport, RampReport, RampStep, Report, RssReport, Sample, StreamCounts};
+use crate::report::{
+    AckWindow, BidiReport, RampReport, RampStep, Report, RssReport, Sample, StreamCounts,
+};
 use crate::stats::{chart_buckets, Percentiles, RunStats};
 use crate::stream::{run_stream, DownlinkHooks, StreamConfig, StreamEnv, StreamOutcome};
 use crate::verify::{
@@ -165,6 +167,9 @@ pub enum RunError {
     Config(String),
 }
 
+/// The gateway's histogram of WebSocket receive → broker acknowledgement.
+const ACK_HISTOGRAM: &str = "gateway_receive_to_ack_latency_seconds";
+
 /// Shared machinery of one run.
 struct Harness {
     env: StreamEnv,
@@ -172,6 +177,7 @@ struct Harness {
     verify_progress: Option<Arc<VerifyProgress>>,
     samples: Arc<Mutex<Vec<Sample>>>,
     rss: Arc<Mutex<RssReport>>,
+    ack_windows: Arc<Mutex<Vec<AckWindow>>>,
     background: Vec<JoinHandle<()>>,
     /// The progress spinner, when stderr is a terminal; cleared at the end.
     bar: Option<indicatif::ProgressBar>,
@@ -226,6 +232,7 @@ impl Harness {
             verify_progress,
             samples: Arc::new(Mutex::new(Vec::new())),
             rss: Arc::new(Mutex::new(RssReport::default())),
+            ack_windows: Arc::new(Mutex::new(Vec::new())),
             background: Vec::new(),
             bar: None,
             t0: Instant::now(),
@@ -318,16 +325,45 @@ impl Harness {
         }));
     }
 
-    /// Samples the gateway's RSS every `every`.
+    /// Samples the gateway's RSS and its receive → ack latency histogram every `every`.
     fn start_rss_sampler(&mut self, url: String, every: Duration) {
         let rss = self.rss.clone();
+        let ack_windows = self.ack_windows.clone();
         let t0 = self.t0;
         self.background.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut before: Vec<(f64, f64)> = Vec::new();
             loop {
                 tick.tick().await;
-                let r = metrics::gateway_rss(&url).await;
+                let text = metrics::fetch(&url, Duration::from_secs(5)).await;
+                let t = t0.elapsed().as_secs_f64();
+                // The same scrape gives the gateway's own receive → broker ack latency over
+                // the interval: a probe that reads no record back, so no consumer is in it.
+                if let Ok(text) = &text {
+                    let after = metrics::histogram_buckets(text, ACK_HISTOGRAM);
+                    if !after.is_empty() {
+                        let q = |q| metrics::quantile_bound(&before, &after, q);
+                        if let (Some(p50), Some(p99), Ok(mut w)) =
+                            (q(0.5), q(0.99), ack_windows.lock())
+                        {
+                            let count = after[after.len() - 1].1
+                                - before.last().map_or(0.0, |b| b.1);
+                            w.push(AckWindow {
+                                end_s: t,
+                                records: count as u64,
+                                p50_le_ms: p50 * 1000.0,
+                                p99_le_ms: p99 * 1000.0,
+                            });
+                        }
+                        before = after;
+                    }
+                }
+                let r = text.and_then(|text| {
+                    metrics::metric_value(&text, "process_resident_memory_bytes").ok_or_else(
+                        || metrics::ScrapeError::Missing("process_resident_memory_bytes".into()),
+                    )
+                });
                 if let Ok(mut rep) = rss.lock() {
                     match r {
                         Ok(bytes) => {
@@ -336,7 +372,7 @@ impl Harness {
                             }
                             rep.end_bytes = bytes;
                             rep.max_bytes = rep.max_bytes.max(bytes);
-                            rep.samples.push((t0.elapsed().as_secs_f64(), bytes));
+                            rep.samples.push((t, bytes));
                         }
                         Err(_) => rep.scrape_errors += 1,
                     }
@@ -445,6 +481,10 @@ impl Harness {
                 .gateway_metrics
                 .as_ref()
                 .and_then(|_| self.rss.lock().ok().map(|r| r.clone())),
+            gateway_ack_latency: cfg
+                .gateway_metrics
+                .as_ref()
+                .and_then(|_| self.ack_windows.lock().ok().map(|w| w.clone())),
             ramp: None,
             bidirectional: None,
             timeseries: self.samples.lock().map(|v| v.clone()).unwrap_or_default(),

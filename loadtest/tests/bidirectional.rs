@@ -574,7 +574,10 @@ async fn bidirectional_scenario_through_a_real_broker() {
     };
     let opts = RunOptions {
         // Automatic: the first partition a record arrives on.
-        latency_probe: Some(ProbeConfig { partition: None }),
+        latency_probe: Some(ProbeConfig {
+            partition: None,
+            window: None,
+        }),
         ..Default::default()
     };
     let report = scenario::run_with(Scenario::Bidirectional(bidi), cfg, opts)
@@ -643,7 +646,10 @@ async fn steady_with_the_latency_probe_separates_harness_lag() {
     let (brokers, prefix, addr) = setup("probe").await;
     let cfg = run_config(addr, &brokers, &prefix, 6, 100);
     let opts = RunOptions {
-        latency_probe: Some(ProbeConfig { partition: Some(1) }),
+        latency_probe: Some(ProbeConfig {
+            partition: Some(1),
+            window: Some(Duration::from_millis(500)),
+        }),
         lag_every: Duration::from_millis(250),
         ..Default::default()
     };
@@ -666,6 +672,23 @@ async fn steady_with_the_latency_probe_separates_harness_lag() {
         "same records: {table}"
     );
     assert!(p.send_to_gateway.count > 0 && p.gateway_to_receipt.count > 0);
+    // Per-window percentiles: consecutive windows that together hold every chunk timed.
+    assert!(p.windows.len() >= 3, "2 s of audio in 0.5 s windows: {:?}", p.windows);
+    assert!(
+        p.windows.windows(2).all(|w| w[0].end_s < w[1].end_s),
+        "{:?}",
+        p.windows
+    );
+    assert_eq!(
+        p.windows.iter().map(|w| w.send_to_receipt.count).sum::<u64>(),
+        p.chunks,
+        "{:?}",
+        p.windows
+    );
+    assert_eq!(
+        p.windows.iter().map(|w| w.gateway_to_receipt.count).sum::<u64>(),
+        p.gateway_to_receipt.count
+    );
     assert!(v.harness.consumer_lag.samples >= 4, "{table}");
     assert!(table.contains("latency attribution"), "{table}");
 }
