@@ -5,7 +5,9 @@
 #   env GATEWAY_ARGS / LOADTEST_ARGS: extra flags (e.g. LOADTEST_ARGS="--verify-fetch-wait-ms
 #   100" keeps the full verifier's fetches off the broker the probe measures).
 # Prints per value: e2e p50/p99 (verifier, and the independent probe), harness lag, gateway
-# CPU µs per media message, loss.
+# CPU µs per media message, loss; then the probe's p99 per 10 s window and the gateway's own
+# receive → broker ack p99 (Prometheus bucket bound) per 10 s scrape, to see when and where a
+# long run's latency moved.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -31,7 +33,7 @@ for L in $LINGERS; do
   c0=$(awk '{print $14 + $15}' /proc/$G/stat)
   target/release/loadtest steady --url ws://127.0.0.1:$GP/stream --streams "$STREAMS" --duration "$SECS" \
     --tracks "$TRACKS" --ramp-per-sec 100 --audio ../shared/fixtures/speech-8k.ulaw \
-    --verify-brokers 127.0.0.1:$BP --topic-prefix "lc$L" --latency-probe --json-out "$OUT" --quiet ${LOADTEST_ARGS:-} \
+    --verify-brokers 127.0.0.1:$BP --topic-prefix "lc$L" --latency-probe --gateway-metrics "http://127.0.0.1:$AP/metrics" --json-out "$OUT" --quiet ${LOADTEST_ARGS:-} \
     >/dev/null 2>&1 || true
   c1=$(awk '{print $14 + $15}' /proc/$G/stat)
   kill $G $B 2>/dev/null; wait $G $B 2>/dev/null || true
@@ -45,5 +47,13 @@ msgs = r["media_sent"]
 print(f"linger {L}: e2e p50 {lat.get('p50_ms')} p99 {lat.get('p99_ms')} ms | probe p50 {p.get('p50_ms')} p99 {p.get('p99_ms')} ms "
       f"| harness receipt->verify p99 {h.get('p99_ms')} ms | gateway {cpu*1e6/max(msgs,1):.2f} us/msg "
       f"| missing {t['missing']} dup {t['duplicated']} ooo {t['out_of_order']} mismatch {t['pcm_mismatches']}")
+w = (v.get("probe") or {}).get("windows") or []
+if w:
+    print("  probe p99 per 10 s window (ms): " + " ".join(f"{x['send_to_receipt']['p99_ms']:.0f}" for x in w))
+a = r.get("gateway_ack_latency") or []
+if a:
+    le = lambda x: "inf" if x is None else f"{x:.0f}"
+    print("  gateway receive->ack p99 bound per scrape (ms): " + " ".join(le(x["p99_le_ms"]) for x in a))
+    print("  of which produce->ack (librdkafka + broker) p99 bound (ms): " + " ".join(le(x.get("produce_p99_le_ms")) for x in a))
 PY
 done

@@ -80,6 +80,10 @@ pub struct AckWindow {
     pub p50_le_ms: f64,
     /// 99th percentile is at most this, ms.
     pub p99_le_ms: f64,
+    /// 99th percentile of librdkafka produce → ack alone (`gateway_kafka_delivery_latency_
+    /// seconds`: linger, request, broker) is at most this, ms; the rest of `p99_le_ms` is the
+    /// gateway's own time before the produce call.
+    pub produce_p99_le_ms: Option<f64>,
 }
 
 /// One step of a ramp.
@@ -365,6 +369,14 @@ impl Report {
                 "  gateway recv→ack p99 ≤ {} ms by scrape interval (bucket bounds)",
                 w.iter()
                     .map(|w| le(w.p99_le_ms))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            let _ = writeln!(
+                s,
+                "  of which produce→ack ≤ {} ms",
+                w.iter()
+                    .map(|w| w.produce_p99_le_ms.map_or("-".into(), le))
                     .collect::<Vec<_>>()
                     .join(" ")
             );

@@ -169,6 +169,8 @@ pub enum RunError {
 
 /// The gateway's histogram of WebSocket receive → broker acknowledgement.
 const ACK_HISTOGRAM: &str = "gateway_receive_to_ack_latency_seconds";
+/// The gateway's histogram of librdkafka produce → broker acknowledgement (linger included).
+const PRODUCE_HISTOGRAM: &str = "gateway_kafka_delivery_latency_seconds";
 
 /// Shared machinery of one run.
 struct Harness {
@@ -334,6 +336,7 @@ impl Harness {
             let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut before: Vec<(f64, f64)> = Vec::new();
+            let mut before_produce: Vec<(f64, f64)> = Vec::new();
             loop {
                 tick.tick().await;
                 let text = metrics::fetch(&url, Duration::from_secs(5)).await;
@@ -342,8 +345,11 @@ impl Harness {
                 // the interval: a probe that reads no record back, so no consumer is in it.
                 if let Ok(text) = &text {
                     let after = metrics::histogram_buckets(text, ACK_HISTOGRAM);
+                    let after_produce = metrics::histogram_buckets(text, PRODUCE_HISTOGRAM);
                     if !after.is_empty() {
                         let q = |q| metrics::quantile_bound(&before, &after, q);
+                        let produce_p99 =
+                            metrics::quantile_bound(&before_produce, &after_produce, 0.99);
                         if let (Some(p50), Some(p99), Ok(mut w)) =
                             (q(0.5), q(0.99), ack_windows.lock())
                         {
@@ -354,9 +360,11 @@ impl Harness {
                                 records: count as u64,
                                 p50_le_ms: p50 * 1000.0,
                                 p99_le_ms: p99 * 1000.0,
+                                produce_p99_le_ms: produce_p99.map(|v| v * 1000.0),
                             });
                         }
                         before = after;
+                        before_produce = after_produce;
                     }
                 }
                 let r = text.and_then(|text| {
