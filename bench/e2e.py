@@ -9,8 +9,9 @@ fixture against each server in turn, with the identical `loadtest steady` load:
 - `kafka_floor`  the Kafka floor: the same read plus one librdkafka produce of each text frame's
                  raw bytes with the gateway's producer settings (bench/src/bin/kafka_floor.rs);
 - optional ingest prototypes (`--also`, docs/benchmarks.md): `tpc_floor` (thread per
-  core, SO_REUSEPORT), `uring_floor` (io_uring multishot receive), `epoll_floor` (the same
-  hand-written server on epoll).
+  core, SO_REUSEPORT), `tpc_floor_paced` (the same with `--pace-us`: read coalescing),
+  `uring_floor` (io_uring multishot receive), `epoll_floor` (the same hand-written server on
+  epoll).
 
 Over a steady window it samples each server's CPU time from /proc/<pid>/stat and divides by the
 media messages received in the window (the gateway's counter; for the floors, which count
@@ -36,13 +37,15 @@ TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 RESULTS = os.path.join(ROOT, "bench", "results")
 FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "speech-8k.ulaw")
-FLOORS = ["floor", "kafka_floor", "kafka_floor_headers", "tpc_floor", "uring_floor", "epoll_floor"]
+FLOORS = ["floor", "kafka_floor", "kafka_floor_headers", "tpc_floor", "tpc_floor_paced", "uring_floor",
+          "epoll_floor"]
 # Floors that produce to Kafka: a fresh broker each, delivery checked, broker CPU measured.
 KAFKA_FLOORS = ("kafka_floor", "kafka_floor_headers")
 LABELS = {
     "gateway": "gateway", "floor": "framing floor", "kafka_floor": "Kafka floor",
     "kafka_floor_headers": "Kafka floor + contract headers",
-    "tpc_floor": "thread-per-core floor", "uring_floor": "io_uring floor", "epoll_floor": "raw epoll floor",
+    "tpc_floor": "thread-per-core floor", "tpc_floor_paced": "thread-per-core floor, paced reads",
+    "uring_floor": "io_uring floor", "epoll_floor": "raw epoll floor",
 }
 SYSCALL_EVENTS = ["raw_syscalls:sys_enter", "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_read",
                   "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_io_uring_enter",
@@ -311,6 +314,8 @@ def run_floor(a, name, broker, streams, tracks, ramp, duration, tag):
                "--partitions", str(parts), "--summary", summary_path, "--count-back"]
         if name == "kafka_floor_headers":
             cmd.append("--headers")
+    elif name == "tpc_floor_paced":
+        cmd = ["tpc_floor", addr, "--pace-us", str(a.pace_us)]
     elif name == "uring_floor":
         cmd = ["uring_floor", addr, "--mode", "uring"]
     elif name == "epoll_floor":
@@ -399,10 +404,12 @@ def main():
     ap.add_argument("--no-floor", action="store_true", help="skip the framing floor runs")
     ap.add_argument("--no-kafka-floor", action="store_true", help="skip the Kafka floor runs")
     ap.add_argument("--also", default="",
-                    help="more servers: kafka_floor_headers,tpc_floor,uring_floor,epoll_floor")
+                    help="more servers: kafka_floor_headers,tpc_floor,tpc_floor_paced,uring_floor,epoll_floor")
     ap.add_argument("--kafka-floor-partitions", type=int, default=None,
                     help="partitions of the Kafka floor's topic (default: per track as many as the gateway writes to, "
                          "from its --partitions-per-instance and --topic-partitions)")
+    ap.add_argument("--pace-us", type=int, default=1000,
+                    help="tpc_floor_paced: µs each runtime thread sleeps between I/O polls (read coalescing)")
     ap.add_argument("--syscalls", type=float, default=0,
                     help="after the CPU window, count each server's syscalls for this many seconds (perf stat)")
     ap.add_argument("--bin-dir", default=default_bin_dir(), help="release binaries ($CARGO_TARGET_DIR/release)")

@@ -5,8 +5,15 @@
 //! that accepted it (no work stealing, no cross-thread wake-ups). Compared with `floor` in
 //! `docs/benchmarks.md`, `docs/decisions.md`.
 //!
-//! `tpc_floor 127.0.0.1:8099 [--threads N]` (default: one thread per available core; any path
-//! is accepted).
+//! `tpc_floor 127.0.0.1:8099 [--threads N] [--pace-us N]` (default: one thread per available
+//! core; any path is accepted).
+//!
+//! `--pace-us N` is the read-coalescing experiment (issue 13, "read coalescing"): each runtime
+//! also runs a pacer task that blocks its thread for N µs and then yields. tokio's current-
+//! thread scheduler polls its I/O driver without blocking whenever a yielded task is waiting,
+//! so each turn of the loop sleeps once and then serves every socket that became readable
+//! meanwhile, instead of parking in `epoll_wait` and waking for each message. The price is up
+//! to N µs of added latency per message.
 
 use std::net::SocketAddr;
 
@@ -50,11 +57,23 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
 }
 
 /// One thread: a current-thread runtime serving its own listener until the process ends.
-fn serve(listener: std::net::TcpListener) -> std::io::Result<()> {
+fn serve(
+    listener: std::net::TcpListener,
+    pace: Option<std::time::Duration>,
+) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        if let Some(pace) = pace {
+            tokio::spawn(async move {
+                loop {
+                    // Blocking on purpose: the thread sleeps while sockets fill up.
+                    std::thread::sleep(pace);
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
         let listener = tokio::net::TcpListener::from_std(listener)?;
         loop {
             let (tcp, _) = listener.accept().await?;
@@ -87,6 +106,7 @@ fn main() -> std::io::Result<()> {
     raise_nofile_limit();
     let mut addr: SocketAddr = "127.0.0.1:8099".parse().expect("default address");
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut pace = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -96,6 +116,16 @@ fn main() -> std::io::Result<()> {
                     .and_then(|v| v.parse().ok())
                     .filter(|&n: &usize| n > 0)
                     .ok_or_else(|| std::io::Error::other("--threads needs a positive number"))?;
+            }
+            "--pace-us" => {
+                pace = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n: &u64| n > 0)
+                    .map(std::time::Duration::from_micros);
+                if pace.is_none() {
+                    return Err(std::io::Error::other("--pace-us needs a positive number"));
+                }
             }
             s => {
                 addr = s
@@ -108,14 +138,16 @@ fn main() -> std::io::Result<()> {
     let listeners = (0..threads)
         .map(|_| reuseport_listener(addr))
         .collect::<std::io::Result<Vec<_>>>()?;
-    eprintln!("tpc_floor: listening on {addr} with {threads} current-thread runtimes");
+    eprintln!(
+        "tpc_floor: listening on {addr} with {threads} current-thread runtimes, pace {pace:?}"
+    );
     let handles: Vec<_> = listeners
         .into_iter()
         .enumerate()
         .map(|(i, l)| {
             std::thread::Builder::new()
                 .name(format!("tpc-{i}"))
-                .spawn(move || serve(l))
+                .spawn(move || serve(l, pace))
         })
         .collect::<std::io::Result<_>>()?;
     for h in handles {
