@@ -102,6 +102,14 @@ pub struct RunArgs {
     /// [default: 256, a quarter of --max-concurrent-handshakes' default].
     #[arg(long, env = "GATEWAY_MAX_HANDSHAKES_PER_SOURCE")]
     pub max_handshakes_per_source: Option<u32>,
+    /// Tokio worker threads serving connections [default: one per available core].
+    #[arg(long, env = "GATEWAY_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    /// Read coalescing: a worker about to wait for I/O first sleeps this long, so one wake-up
+    /// serves every socket that became readable meanwhile; adds up to this much latency per
+    /// message, e.g. `1ms` (at most 10ms) [default: 0 = off].
+    #[arg(long, env = "GATEWAY_IO_PACE")]
+    pub io_pace: Option<String>,
     /// Consume `<prefix>.playback` and play it into streams (`--playback=false` turns
     /// bidirectional streams off) [default: true].
     #[arg(long, env = "GATEWAY_PLAYBACK", num_args = 0..=1, default_missing_value = "true")]
@@ -224,6 +232,8 @@ struct FileConfig {
     allow_cidr: Option<Vec<String>>,
     trusted_proxy: Option<Vec<String>>,
     max_handshakes_per_source: Option<u32>,
+    worker_threads: Option<usize>,
+    io_pace: Option<String>,
     playback: Option<bool>,
     playback_partitions: Option<String>,
     instance_index: Option<NumberOrWord>,
@@ -314,6 +324,17 @@ pub struct Config {
     pub security: crate::security::config::SecurityConfig,
     /// Bidirectional streams.
     pub playback: PlaybackConfig,
+    /// The connections' runtime.
+    pub runtime: RuntimeConfig,
+}
+
+/// How the tokio runtime that serves connections is built (decision 38).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Worker threads.
+    pub worker_threads: usize,
+    /// Sleep before a worker waits for I/O (read coalescing); zero = off.
+    pub io_pace: Duration,
 }
 
 /// Shutdown timing.
@@ -447,6 +468,7 @@ impl Config {
             file.kafka_drain_interval,
             "1ms",
         );
+        let io_pace = dur("io-pace", args.io_pace, file.io_pace, "0ms");
         let spool_spill_after = dur(
             "spool-spill-after",
             args.spool_spill_after,
@@ -695,6 +717,18 @@ impl Config {
         if drain_interval.is_zero() || drain_interval > Duration::from_millis(100) {
             errors.push("--kafka-drain-interval: must be between 1ms and 100ms".into());
         }
+        if io_pace > Duration::from_millis(10) {
+            errors.push("--io-pace: at most 10ms (it adds up to that much latency)".into());
+        }
+        let worker_threads = args
+            .worker_threads
+            .or(file.worker_threads)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if !(1..=1024).contains(&worker_threads) {
+            errors.push(format!(
+                "--worker-threads: {worker_threads} is not between 1 and 1024"
+            ));
+        }
         // Twilio is sent to --public-url; the listener answers only --ws-path.
         if let Some(url) = &security.public_url {
             if url.path() != ws_path {
@@ -899,6 +933,10 @@ impl Config {
             spill_after: spool_spill_after,
         };
         Ok(Config {
+            runtime: RuntimeConfig {
+                worker_threads,
+                io_pace,
+            },
             listen,
             admin_listen,
             log_format,
@@ -1015,6 +1053,14 @@ impl Config {
             (
                 "max_handshakes_per_source",
                 server.access.max_handshakes_per_source.to_string(),
+            ),
+            ("worker_threads", self.runtime.worker_threads.to_string()),
+            (
+                "io_pace",
+                q(&format!(
+                    "{}ms",
+                    self.runtime.io_pace.as_secs_f64() * 1000.0
+                )),
             ),
             ("playback", self.playback.enabled.to_string()),
             (
@@ -1275,7 +1321,15 @@ mod tests {
                 "--partitions-per-instance",
                 "2",
             ],
-            vec!["--playback-partitions", "0-2,5", "--playback=false"],
+            vec![
+                "--playback-partitions",
+                "0-2,5",
+                "--playback=false",
+                "--worker-threads",
+                "3",
+                "--io-pace",
+                "0.5ms",
+            ],
             vec![
                 "--partitions-per-instance",
                 "all",
@@ -1342,6 +1396,40 @@ mod tests {
         );
         assert_eq!(w.playback.partitions, n.playback.partitions);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn runtime_worker_threads_and_io_pace() {
+        let c = parse(&[]).unwrap();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(
+            c.runtime,
+            RuntimeConfig {
+                worker_threads: cores,
+                io_pace: Duration::ZERO
+            }
+        );
+        let c = parse(&["--worker-threads", "1", "--io-pace", "1ms"]).unwrap();
+        assert_eq!(
+            c.runtime,
+            RuntimeConfig {
+                worker_threads: 1,
+                io_pace: Duration::from_millis(1)
+            }
+        );
+        assert!(c
+            .to_toml()
+            .contains("worker_threads = 1\nio_pace = \"1ms\"\n"));
+        let c = parse(&["--io-pace", "0.5ms"]).unwrap();
+        assert_eq!(c.runtime.io_pace, Duration::from_micros(500));
+        assert!(c.to_toml().contains("io_pace = \"0.5ms\""));
+        let errs = parse(&["--worker-threads", "0", "--io-pace", "20ms"]).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.contains("--worker-threads")),
+            "{errs:?}"
+        );
+        assert!(errs.iter().any(|e| e.contains("--io-pace")), "{errs:?}");
     }
 
     #[test]

@@ -70,7 +70,21 @@ async fn play(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_arrive_bit_exact_in_order_with_headers_and_events() {
-    let gw = Gateway::start("e2e", &[]);
+    concurrent_streams(Gateway::start("e2e", &[])).await;
+}
+
+/// The same contract with read coalescing on one paced worker (decision 38): pacing changes
+/// when sockets are read, never what is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_arrive_bit_exact_with_one_paced_worker() {
+    concurrent_streams(Gateway::start(
+        "e2epace",
+        &["--worker-threads", "1", "--io-pace", "1ms"],
+    ))
+    .await;
+}
+
+async fn concurrent_streams(gw: Gateway) {
     let audio = speech();
     let n_streams = 24u64;
     let plans: Vec<StreamPlan> = (0..n_streams)

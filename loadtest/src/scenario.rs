@@ -353,8 +353,8 @@ impl Harness {
                         if let (Some(p50), Some(p99), Ok(mut w)) =
                             (q(0.5), q(0.99), ack_windows.lock())
                         {
-                            let count = after[after.len() - 1].1
-                                - before.last().map_or(0.0, |b| b.1);
+                            let count =
+                                after[after.len() - 1].1 - before.last().map_or(0.0, |b| b.1);
                             w.push(AckWindow {
                                 end_s: t,
                                 records: count as u64,
@@ -368,9 +368,9 @@ impl Harness {
                     }
                 }
                 let r = text.and_then(|text| {
-                    metrics::metric_value(&text, "process_resident_memory_bytes").ok_or_else(
-                        || metrics::ScrapeError::Missing("process_resident_memory_bytes".into()),
-                    )
+                    metrics::metric_value(&text, "process_resident_memory_bytes").ok_or_else(|| {
+                        metrics::ScrapeError::Missing("process_resident_memory_bytes".into())
+                    })
                 });
                 if let Ok(mut rep) = rss.lock() {
                     match r {

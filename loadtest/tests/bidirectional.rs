@@ -673,20 +673,30 @@ async fn steady_with_the_latency_probe_separates_harness_lag() {
     );
     assert!(p.send_to_gateway.count > 0 && p.gateway_to_receipt.count > 0);
     // Per-window percentiles: consecutive windows that together hold every chunk timed.
-    assert!(p.windows.len() >= 3, "2 s of audio in 0.5 s windows: {:?}", p.windows);
+    assert!(
+        p.windows.len() >= 3,
+        "2 s of audio in 0.5 s windows: {:?}",
+        p.windows
+    );
     assert!(
         p.windows.windows(2).all(|w| w[0].end_s < w[1].end_s),
         "{:?}",
         p.windows
     );
     assert_eq!(
-        p.windows.iter().map(|w| w.send_to_receipt.count).sum::<u64>(),
+        p.windows
+            .iter()
+            .map(|w| w.send_to_receipt.count)
+            .sum::<u64>(),
         p.chunks,
         "{:?}",
         p.windows
     );
     assert_eq!(
-        p.windows.iter().map(|w| w.gateway_to_receipt.count).sum::<u64>(),
+        p.windows
+            .iter()
+            .map(|w| w.gateway_to_receipt.count)
+            .sum::<u64>(),
         p.gateway_to_receipt.count
     );
     assert!(v.harness.consumer_lag.samples >= 4, "{table}");

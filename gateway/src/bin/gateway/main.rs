@@ -182,10 +182,17 @@ fn main() -> ExitCode {
     }
     init_tracing(&cfg);
     raise_nofile_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
         .enable_all()
-        .build()
-    {
+        .worker_threads(cfg.runtime.worker_threads);
+    if !cfg.runtime.io_pace.is_zero() {
+        // Read coalescing (decision 38): the sleep happens only when a worker has run out of
+        // tasks, so sockets that become readable meanwhile are all served after one wake-up.
+        let pace = cfg.runtime.io_pace;
+        builder.on_thread_park(move || std::thread::sleep(pace));
+    }
+    let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("gateway: cannot start runtime: {e}");
