@@ -305,7 +305,21 @@ fn pcm_of(ulaw: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn playback_reaches_the_call_in_order_with_marks_and_the_played_audio_is_recorded() {
-    let gw = Gateway::start("play", &[]);
+    playback_in_order(Gateway::start("play", &[])).await;
+}
+
+/// The same with read coalescing on one paced worker (decision 38): the downlink waits for a
+/// sleeping worker at most `--io-pace`, and nothing else changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn playback_in_order_with_one_paced_worker() {
+    playback_in_order(Gateway::start(
+        "playpace",
+        &["--worker-threads", "1", "--io-pace", "1ms"],
+    ))
+    .await;
+}
+
+async fn playback_in_order(gw: Gateway) {
     let audio = speech();
     let mut c = Call::open(gw.port, 1).await;
     c.media(&audio, 10).await;
