@@ -348,6 +348,18 @@ pub struct DrainConfig {
     pub flush_timeout: Duration,
 }
 
+/// `1ms`, `0.5ms`, `0.125ms`: exact to the microsecond, as [`parse_duration`] reads it back.
+fn fractional_ms(d: Duration) -> String {
+    let us = d.as_micros();
+    let frac = format!("{:03}", us % 1000);
+    let frac = frac.trim_end_matches('0');
+    if frac.is_empty() {
+        format!("{}ms", us / 1000)
+    } else {
+        format!("{}.{frac}ms", us / 1000)
+    }
+}
+
 /// Parses `250ms`, `5s`, `2m`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -1055,13 +1067,7 @@ impl Config {
                 server.access.max_handshakes_per_source.to_string(),
             ),
             ("worker_threads", self.runtime.worker_threads.to_string()),
-            (
-                "io_pace",
-                q(&format!(
-                    "{}ms",
-                    self.runtime.io_pace.as_secs_f64() * 1000.0
-                )),
-            ),
+            ("io_pace", q(&fractional_ms(self.runtime.io_pace))),
             ("playback", self.playback.enabled.to_string()),
             (
                 "playback_partitions",
@@ -1423,6 +1429,10 @@ mod tests {
         let c = parse(&["--io-pace", "0.5ms"]).unwrap();
         assert_eq!(c.runtime.io_pace, Duration::from_micros(500));
         assert!(c.to_toml().contains("io_pace = \"0.5ms\""));
+        for us in [0, 1, 10, 100, 300, 999, 1000, 1250, 10_000] {
+            let d = Duration::from_micros(us);
+            assert_eq!(parse_duration(&fractional_ms(d)), Ok(d), "{us} µs");
+        }
         let errs = parse(&["--worker-threads", "0", "--io-pace", "20ms"]).unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(
