@@ -81,8 +81,8 @@ pub struct AckWindow {
     /// 99th percentile is at most this, ms.
     pub p99_le_ms: f64,
     /// 99th percentile of librdkafka produce → ack alone (`gateway_kafka_delivery_latency_
-    /// seconds`: linger, request, broker) is at most this, ms; the rest of `p99_le_ms` is the
-    /// gateway's own time before the produce call.
+    /// seconds`: linger, request, broker) is at most this, ms. Equal to `p99_le_ms`: the
+    /// gateway's own time before the produce call did not move the p99 out of its bucket.
     pub produce_p99_le_ms: Option<f64>,
 }
 
