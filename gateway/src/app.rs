@@ -102,6 +102,13 @@ pub async fn run(
     shutdown: Arc<Shutdown>,
 ) -> Result<RunReport, AppError> {
     let metrics = Metrics::new(&cfg.sink.gateway_id);
+    // What the runtime really has, not what was asked for (decision 38).
+    metrics
+        .runtime_workers
+        .set(tokio::runtime::Handle::current().metrics().num_workers() as i64);
+    metrics
+        .runtime_io_pace_us
+        .set(cfg.runtime.io_pace.as_micros() as i64);
     let security = Security::from_config(&cfg.security)?;
 
     // Start-up steps that wait on Kafka, abandoned cleanly if shutdown is requested meanwhile.

@@ -331,8 +331,8 @@ pub struct Config {
 /// How the tokio runtime that serves connections is built (decision 38).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RuntimeConfig {
-    /// Worker threads.
-    pub worker_threads: usize,
+    /// Worker threads; `None` = tokio's default, one per core the process may use.
+    pub worker_threads: Option<usize>,
     /// Sleep before a worker waits for I/O (read coalescing); zero = off.
     pub io_pace: Duration,
 }
@@ -347,6 +347,9 @@ pub struct DrainConfig {
     /// Time the final flush of the Kafka path gets.
     pub flush_timeout: Duration,
 }
+
+/// Marks a `print-config` value that is the machine-dependent default (written as a comment).
+const DEFAULTED: &str = "\u{0}default";
 
 /// `1ms`, `0.5ms`, `0.125ms`: exact to the microsecond, as [`parse_duration`] reads it back.
 fn fractional_ms(d: Duration) -> String {
@@ -732,14 +735,12 @@ impl Config {
         if io_pace > Duration::from_millis(10) {
             errors.push("--io-pace: at most 10ms (it adds up to that much latency)".into());
         }
-        let worker_threads = args
-            .worker_threads
-            .or(file.worker_threads)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        if !(1..=1024).contains(&worker_threads) {
-            errors.push(format!(
-                "--worker-threads: {worker_threads} is not between 1 and 1024"
-            ));
+        let worker_threads = args.worker_threads.or(file.worker_threads);
+        if let Some(n) = worker_threads.filter(|n| !(1..=1024).contains(n)) {
+            errors.push(format!("--worker-threads: {n} is not between 1 and 1024"));
+        }
+        if !io_pace.is_zero() && io_pace < Duration::from_micros(1) {
+            errors.push("--io-pace: 0 (off) or at least 1µs".into());
         }
         // Twilio is sent to --public-url; the listener answers only --ws-path.
         if let Some(url) = &security.public_url {
@@ -781,15 +782,26 @@ impl Config {
                 .unwrap_or(256),
         };
         let playback_enabled = args.playback.or(file.playback).unwrap_or(true);
-        let instance_index = args
-            .instance_index
-            .or(file.instance_index.map(NumberOrWord::into_string));
-        let instance_count = args.instance_count.or(file.instance_count);
-        let partitions = match (
-            args.playback_partitions.or(file.playback_partitions),
-            instance_index,
-            instance_count,
-        ) {
+        // The three keys choose one assignment together: when flags or env set any of them,
+        // the file's are ignored (a printed file's `playback_partitions = "all"` must not
+        // conflict with an index and count given by the environment).
+        let (list, instance_index, instance_count) = if args.playback_partitions.is_some()
+            || args.instance_index.is_some()
+            || args.instance_count.is_some()
+        {
+            (
+                args.playback_partitions,
+                args.instance_index,
+                args.instance_count,
+            )
+        } else {
+            (
+                file.playback_partitions,
+                file.instance_index.map(NumberOrWord::into_string),
+                file.instance_count,
+            )
+        };
+        let partitions = match (list, instance_index, instance_count) {
             // `all` is the default spelled out (what `print-config` writes for it).
             (Some(list), None, None) if list.trim() == "all" => Assignment::All,
             (Some(list), None, None) => match parse_list(&list) {
@@ -890,9 +902,6 @@ impl Config {
                 "--playback-max-bytes {playback_max_bytes} is below one stream's --playback-buffer ({per_stream_bytes} bytes)"
             ));
         }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
         let playback = PlaybackConfig {
             enabled: playback_enabled,
             topic: format!("{topic_prefix}.playback"),
@@ -905,7 +914,11 @@ impl Config {
             max_payload_bytes: max_message_bytes,
             max_anomaly_events: 100,
         };
-        let spool_dir = args.spool_dir.or(file.spool_dir);
+        // An empty path is "no disk spool", as `print-config` writes it.
+        let spool_dir = args
+            .spool_dir
+            .or(file.spool_dir)
+            .filter(|d| !d.as_os_str().is_empty());
         let spool_max_bytes = args
             .spool_max_bytes
             .or(file.spool_max_bytes)
@@ -933,6 +946,10 @@ impl Config {
             errors.push(format!(
                 "--spool-memory-bytes: {spool_memory_bytes} must be at least 64 KiB"
             ));
+        }
+        // Every check above has run: report all problems together.
+        if !errors.is_empty() {
+            return Err(errors);
         }
         let spool = SpoolConfig {
             disk: spool_dir.map(|dir| DiskConfig {
@@ -1013,7 +1030,7 @@ impl Config {
             LogFormat::Json => "json",
         };
         let q = |v: &str| format!("{v:?}");
-        let ms = |d: Duration| q(&format!("{}ms", d.as_millis()));
+        let ms = |d: Duration| q(&fractional_ms(d));
         let list =
             |v: &[Cidr]| format!("{:?}", v.iter().map(|c| c.to_string()).collect::<Vec<_>>());
         let lines = [
@@ -1066,7 +1083,12 @@ impl Config {
                 "max_handshakes_per_source",
                 server.access.max_handshakes_per_source.to_string(),
             ),
-            ("worker_threads", self.runtime.worker_threads.to_string()),
+            (
+                "worker_threads",
+                self.runtime
+                    .worker_threads
+                    .map_or_else(|| DEFAULTED.into(), |n| n.to_string()),
+            ),
             ("io_pace", q(&fractional_ms(self.runtime.io_pace))),
             ("playback", self.playback.enabled.to_string()),
             (
@@ -1119,9 +1141,22 @@ impl Config {
                 );
             }
         }
+        // No disk spool: its settings are not in effect, so they are not written (read back,
+        // an empty `spool_dir` would mean the same, but `spool_max_bytes = 0` would not pass).
+        if sink.spool.disk.is_none() {
+            lines.retain(|(k, _)| !matches!(*k, "spool_dir" | "spool_max_bytes" | "spool_fsync"));
+            lines.push(("# spool_dir", "none (no disk spool)".into()));
+        }
         let mut s = String::new();
         for (k, v) in lines {
-            s.push_str(&format!("{k} = {v}\n"));
+            if v == DEFAULTED {
+                // A default that depends on the machine stays a default when read back.
+                s.push_str(&format!("# {k}: default\n"));
+            } else if k.starts_with('#') {
+                s.push_str(&format!("{k}: {v}\n"));
+            } else {
+                s.push_str(&format!("{k} = {v}\n"));
+            }
         }
         s.push_str(&self.security.to_toml());
         s.push_str(&sink.kafka.to_toml());
@@ -1352,11 +1387,15 @@ mod tests {
                 "--spool-dir",
                 spool.to_str().unwrap(),
                 "--spool-max-bytes",
-                "1000000",
+                "2000000",
                 "--kafka-option",
                 "linger.ms=7",
                 "--kafka-option",
                 "debug=broker,topic",
+                "--kafka-option",
+                "linger.ms=9",
+                "--kafka-drain-interval",
+                "1.5ms",
             ],
         ];
         for (i, args) in cases.iter().enumerate() {
@@ -1382,7 +1421,45 @@ mod tests {
                 "case {i}"
             );
             assert_eq!(first.sink.partitioning, again.sink.partitioning, "case {i}");
+            assert_eq!(
+                format!("{:?}", first.sink.spool),
+                format!("{:?}", again.sink.spool),
+                "case {i}"
+            );
+            assert_eq!(first.runtime, again.runtime, "case {i}");
+            assert_eq!(first.sink.drain_interval, again.sink.drain_interval);
+            assert_eq!(
+                first.sink.kafka.get("linger.ms"),
+                again.sink.kafka.get("linger.ms"),
+                "case {i}: the value in effect"
+            );
         }
+        // Flags and env choose the playback assignment as a whole, over a printed file's.
+        let file = dir.join("case0.toml");
+        let c = parse(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--instance-index",
+            "1",
+            "--instance-count",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.playback.partitions,
+            Assignment::Instance { index: 1, count: 3 }
+        );
+        // Spool settings are validated like the others (they were once checked too late).
+        let errs = parse(&[
+            "--spool-dir",
+            spool.to_str().unwrap(),
+            "--spool-max-bytes",
+            "5",
+            "--spool-fsync",
+            "sometimes",
+        ])
+        .unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
         // A secret is printed as a comment: read back, it is absent, never `<redacted>`.
         let c = parse(&["--kafka-option", "sasl.password=hunter2"]).unwrap();
         let printed = c.to_toml();
@@ -1407,19 +1484,19 @@ mod tests {
     #[test]
     fn runtime_worker_threads_and_io_pace() {
         let c = parse(&[]).unwrap();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert_eq!(
             c.runtime,
             RuntimeConfig {
-                worker_threads: cores,
+                worker_threads: None,
                 io_pace: Duration::ZERO
             }
         );
+        assert!(c.to_toml().contains("# worker_threads: default\n"));
         let c = parse(&["--worker-threads", "1", "--io-pace", "1ms"]).unwrap();
         assert_eq!(
             c.runtime,
             RuntimeConfig {
-                worker_threads: 1,
+                worker_threads: Some(1),
                 io_pace: Duration::from_millis(1)
             }
         );
@@ -1435,6 +1512,7 @@ mod tests {
         }
         let errs = parse(&["--worker-threads", "0", "--io-pace", "20ms"]).unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(parse(&["--io-pace", "0.0001ms"]).is_err(), "below 1µs");
         assert!(
             errs.iter().any(|e| e.contains("--worker-threads")),
             "{errs:?}"

@@ -519,6 +519,11 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// `gateway_receive_to_ack_latency_seconds`: WebSocket receive → broker ack.
     pub receive_to_ack: Histogram,
+    /// `gateway_runtime_workers`: tokio worker threads serving connections, as the runtime
+    /// reports them (`--worker-threads`).
+    pub runtime_workers: IntGauge,
+    /// `gateway_runtime_io_pace_microseconds`: the read-coalescing sleep (`--io-pace`), 0 = off.
+    pub runtime_io_pace_us: IntGauge,
     /// `gateway_inflight_bytes`: bytes charged to `--max-inflight-bytes`.
     pub inflight_bytes: IntGauge,
     /// `gateway_inflight_budget_bytes`: the configured budget.
@@ -875,6 +880,16 @@ impl Metrics {
                 &r,
                 "gateway_receive_to_ack_latency_seconds",
                 "WebSocket receive of a chunk to broker acknowledgement of its record.",
+            ),
+            runtime_workers: gauge(
+                &r,
+                "gateway_runtime_workers",
+                "Tokio worker threads serving connections (--worker-threads).",
+            ),
+            runtime_io_pace_us: gauge(
+                &r,
+                "gateway_runtime_io_pace_microseconds",
+                "Sleep of an idle worker before it waits for I/O (--io-pace); 0 = off.",
             ),
             inflight_bytes: gauge(
                 &r,

@@ -70,18 +70,22 @@ async fn play(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_arrive_bit_exact_in_order_with_headers_and_events() {
-    concurrent_streams(Gateway::start("e2e", &[])).await;
+    let gw = Gateway::start("e2e", &[]);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(gw.metric("gateway_runtime_workers"), cores as f64);
+    assert_eq!(gw.metric("gateway_runtime_io_pace_microseconds"), 0.0);
+    concurrent_streams(gw).await;
 }
 
 /// The same contract with read coalescing on one paced worker (decision 38): pacing changes
 /// when sockets are read, never what is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_arrive_bit_exact_with_one_paced_worker() {
-    concurrent_streams(Gateway::start(
-        "e2epace",
-        &["--worker-threads", "1", "--io-pace", "1ms"],
-    ))
-    .await;
+    let gw = Gateway::start("e2epace", &["--worker-threads", "1", "--io-pace", "1ms"]);
+    // The runtime really has one worker and the pacing is on (not only parsed).
+    assert_eq!(gw.metric("gateway_runtime_workers"), 1.0);
+    assert_eq!(gw.metric("gateway_runtime_io_pace_microseconds"), 1000.0);
+    concurrent_streams(gw).await;
 }
 
 async fn concurrent_streams(gw: Gateway) {

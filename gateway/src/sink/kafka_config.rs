@@ -195,7 +195,12 @@ impl KafkaOptions {
         let mut s = String::new();
         if !self.options.is_empty() {
             s.push_str("\n[kafka_options]\n");
-            for o in &self.options {
+            for (i, o) in self.options.iter().enumerate() {
+                // Later sources win (flag over env over file): only the value in effect is
+                // written, since a TOML table cannot repeat a key.
+                if self.options[i + 1..].iter().any(|later| later.key == o.key) {
+                    continue;
+                }
                 // A redacted value is written as a comment: read back, the file must not set
                 // a password to the literal `<redacted>`.
                 let comment = if is_sensitive(&o.key) { "# " } else { "" };

@@ -183,9 +183,10 @@ fn main() -> ExitCode {
     init_tracing(&cfg);
     raise_nofile_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder
-        .enable_all()
-        .worker_threads(cfg.runtime.worker_threads);
+    builder.enable_all();
+    if let Some(n) = cfg.runtime.worker_threads {
+        builder.worker_threads(n);
+    }
     if !cfg.runtime.io_pace.is_zero() {
         // Read coalescing (decision 38): the sleep happens only when a worker has run out of
         // tasks, so sockets that become readable meanwhile are all served after one wake-up.
