@@ -49,11 +49,13 @@ print(f"linger {L}: e2e p50 {lat.get('p50_ms')} p99 {lat.get('p99_ms')} ms | pro
       f"| missing {t['missing']} dup {t['duplicated']} ooo {t['out_of_order']} mismatch {t['pcm_mismatches']}")
 w = (v.get("probe") or {}).get("windows") or []
 if w:
-    print("  probe p99 per 10 s window (ms): " + " ".join(f"{x['send_to_receipt']['p99_ms']:.0f}" for x in w))
+    print("  probe p99 per 10 s window (ms; - = no record): " + " ".join(
+        f"{x['send_to_receipt']['p99_ms']:.0f}" if x["send_to_receipt"]["count"] else "-" for x in w))
 a = r.get("gateway_ack_latency") or []
 if a:
-    le = lambda x: "inf" if x is None else f"{x:.0f}"
-    print("  gateway receive->ack p99 bound per scrape (ms): " + " ".join(le(x["p99_le_ms"]) for x in a))
-    print("  of which produce->ack (librdkafka + broker) p99 bound (ms): " + " ".join(le(x.get("produce_p99_le_ms")) for x in a))
+    # null bound: no acknowledgement in the interval (records 0), else above the last bucket.
+    le = lambda x, k: "-" if not x["records"] else "inf" if x.get(k) is None else f"{x[k]:.0f}"
+    print("  gateway receive->ack p99 bound per scrape (ms): " + " ".join(le(x, "p99_le_ms") for x in a))
+    print("  of which produce->ack (librdkafka + broker) p99 bound (ms): " + " ".join(le(x, "produce_p99_le_ms") for x in a))
 PY
 done

@@ -187,7 +187,7 @@ struct Common {
     #[arg(long, default_value = "auto")]
     latency_probe_partition: String,
     /// Seconds per window of the probe's per-window percentiles (report: probe.windows);
-    /// 0 = overall percentiles only.
+    /// 0 = overall percentiles only, else at least 0.1.
     #[arg(long, default_value_t = 10.0)]
     latency_window: f64,
     /// Seconds between consumer-lag samples (high watermark − position).
@@ -420,6 +420,9 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, RunOptions, &Common), Vec<St
         handshake_timeout: durs[2],
         progress: !c.quiet,
     };
+    if !durs[5].is_zero() && durs[5] < Duration::from_millis(100) {
+        errs.push("--latency-window: 0 (off) or at least 0.1 s".into());
+    }
     let opts = RunOptions {
         latency_probe: c.latency_probe.then_some(ProbeConfig {
             partition: probe_partition,

@@ -87,9 +87,12 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// A histogram's cumulative buckets as scraped: `(le, count)` in the order listed.
+pub type Buckets = Vec<(f64, f64)>;
+
 /// Cumulative buckets `(le, count)` of the unlabelled histogram `name`, in the order listed
 /// (`le="+Inf"` is `f64::INFINITY`). Empty when the histogram is not in `text`.
-pub fn histogram_buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+pub fn histogram_buckets(text: &str, name: &str) -> Buckets {
     let prefix = format!("{name}_bucket{{");
     text.lines()
         .filter_map(|l| {
@@ -112,8 +115,10 @@ pub fn histogram_buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
 
 /// The upper bound (`le`) of the bucket holding quantile `q` of the observations made between
 /// two scrapes of one histogram (`before` may be empty: everything counts). `None` when no
-/// observation was made in between.
+/// observation was made in between. A `before` with other buckets, or with a count above
+/// `after`'s (the process restarted), counts as empty: the new process's counts are all new.
 pub fn quantile_bound(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let before = baseline(before, after);
     let delta = |i: usize| after[i].1 - before.get(i).map_or(0.0, |b| b.1);
     let total = delta(after.len().checked_sub(1)?);
     if total <= 0.0 {
@@ -122,6 +127,29 @@ pub fn quantile_bound(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Op
     (0..after.len())
         .find(|&i| delta(i) >= q * total)
         .map(|i| after[i].0)
+}
+
+/// Observations between two scrapes of one histogram (its `+Inf` bucket's growth), with the
+/// same restart rule as [`quantile_bound`].
+pub fn count_between(before: &[(f64, f64)], after: &[(f64, f64)]) -> u64 {
+    let before = baseline(before, after);
+    after
+        .last()
+        .map_or(0.0, |a| a.1 - before.last().map_or(0.0, |b| b.1)) as u64
+}
+
+/// `before`, or nothing when it cannot be the earlier scrape of `after`'s histogram.
+fn baseline<'a>(before: &'a [(f64, f64)], after: &[(f64, f64)]) -> &'a [(f64, f64)] {
+    let comparable = before.len() == after.len()
+        && before
+            .iter()
+            .zip(after)
+            .all(|(b, a)| b.0 == a.0 && b.1 <= a.1);
+    if comparable {
+        before
+    } else {
+        &[]
+    }
 }
 
 /// Scrapes `url` and returns `process_resident_memory_bytes`.
@@ -170,6 +198,17 @@ mod tests {
         assert_eq!(quantile_bound(&first, &second, 0.5), Some(0.05));
         assert_eq!(quantile_bound(&first, &second, 0.99), Some(f64::INFINITY));
         assert_eq!(quantile_bound(&second, &second, 0.5), None);
+        // A restart: counts went down, so everything in the new scrape is new.
+        let restarted = histogram_buckets(&scrape(5, 5, 6), "h");
+        assert_eq!(quantile_bound(&second, &restarted, 0.5), Some(0.01));
+        assert_eq!(
+            quantile_bound(&second, &restarted, 0.99),
+            Some(f64::INFINITY)
+        );
+        assert_eq!(count_between(&first, &second), 10);
+        assert_eq!(count_between(&second, &second), 0);
+        assert_eq!(count_between(&second, &restarted), 6);
+        assert_eq!(count_between(&[], &first), 100);
         assert!(histogram_buckets(&scrape(1, 2, 3), "nope").is_empty());
     }
 }

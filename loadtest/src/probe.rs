@@ -79,6 +79,8 @@ pub struct ProbeSummary {
     pub consumer_lag: ConsumerLag,
     /// The partition did not exist when the run started.
     pub missing: bool,
+    /// Window length, seconds (0 = no windows).
+    pub window_s: f64,
     /// Per window (`--latency-window`), in order; empty without windows.
     pub windows: Vec<ProbeWindow>,
 }
@@ -111,6 +113,7 @@ impl LatencyProbe {
             topic: topic.clone(),
             partition: probe.partition.unwrap_or(-1),
             missing: !assignment.missing_topics.is_empty(),
+            window_s: probe.window.map_or(0.0, |w| w.as_secs_f64()),
             ..Default::default()
         };
         let brokers = cfg.brokers.clone();

@@ -69,7 +69,8 @@ pub struct RssReport {
 /// The gateway's receive → broker ack latency over one metrics interval, read from the
 /// difference of two scrapes of `gateway_receive_to_ack_latency_seconds`. A Prometheus
 /// histogram only knows its buckets, so each quantile is given as the upper bound of the bucket
-/// that holds it (10, 20, 30, 50, 75, 100 ms … ; `null` = above the last bucket).
+/// that holds it (10, 20, 30, 50, 75, 100 ms …). In JSON a bound is `null` when `records` is 0
+/// (no acknowledgement in the interval) or when it lies above the last finite bucket.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct AckWindow {
     /// Interval end, seconds since the run started.
@@ -77,11 +78,11 @@ pub struct AckWindow {
     /// Records acknowledged in the interval.
     pub records: u64,
     /// Median is at most this, ms.
-    pub p50_le_ms: f64,
+    pub p50_le_ms: Option<f64>,
     /// 99th percentile is at most this, ms.
-    pub p99_le_ms: f64,
+    pub p99_le_ms: Option<f64>,
     /// 99th percentile of librdkafka produce → ack alone (`gateway_kafka_delivery_latency_
-    /// seconds`: linger, request, broker) is at most this, ms. Equal to `p99_le_ms`: the
+    /// seconds`: linger, request, broker) is at most this, ms. When it equals `p99_le_ms`, the
     /// gateway's own time before the produce call did not move the p99 out of its bucket.
     pub produce_p99_le_ms: Option<f64>,
 }
@@ -313,13 +314,17 @@ impl Report {
                 if !p.windows.is_empty() {
                     let _ = writeln!(
                         s,
-                        "  probe p99 by window    {} ms (windows of {:.1} s from the probe's start)",
+                        "  probe p99 by window    {} ms (windows of {} s from the probe's start; - = no record)",
                         p.windows
                             .iter()
-                            .map(|w| format!("{:.0}", w.send_to_receipt.p99_ms))
+                            .map(|w| if w.send_to_receipt.count == 0 {
+                                "-".into()
+                            } else {
+                                format!("{:.0}", w.send_to_receipt.p99_ms)
+                            })
                             .collect::<Vec<_>>()
                             .join(" "),
-                        p.windows[0].end_s
+                        p.window_s
                     );
                 }
             }
@@ -357,12 +362,10 @@ impl Report {
             );
         }
         if let Some(w) = self.gateway_ack_latency.as_ref().filter(|w| !w.is_empty()) {
-            let le = |v: f64| {
-                if v.is_finite() {
-                    format!("{v:.0}")
-                } else {
-                    "inf".into()
-                }
+            let le = |v: Option<f64>| match v {
+                None => "-".to_string(),
+                Some(v) if v.is_finite() => format!("{v:.0}"),
+                Some(_) => "inf".into(),
             };
             let _ = writeln!(
                 s,
@@ -376,7 +379,7 @@ impl Report {
                 s,
                 "  of which produce→ack ≤ {} ms",
                 w.iter()
-                    .map(|w| w.produce_p99_le_ms.map_or("-".into(), le))
+                    .map(|w| le(w.produce_p99_le_ms))
                     .collect::<Vec<_>>()
                     .join(" ")
             );

@@ -335,36 +335,35 @@ impl Harness {
         self.background.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut before: Vec<(f64, f64)> = Vec::new();
-            let mut before_produce: Vec<(f64, f64)> = Vec::new();
+            // The first scrape is only the baseline: a gateway that ran before this run has
+            // history that is not this run's.
+            let mut before: Option<(metrics::Buckets, metrics::Buckets)> = None;
             loop {
                 tick.tick().await;
                 let text = metrics::fetch(&url, Duration::from_secs(5)).await;
                 let t = t0.elapsed().as_secs_f64();
                 // The same scrape gives the gateway's own receive → broker ack latency over
-                // the interval: a probe that reads no record back, so no consumer is in it.
+                // the interval: a probe that reads no record back.
                 if let Ok(text) = &text {
-                    let after = metrics::histogram_buckets(text, ACK_HISTOGRAM);
-                    let after_produce = metrics::histogram_buckets(text, PRODUCE_HISTOGRAM);
-                    if !after.is_empty() {
-                        let q = |q| metrics::quantile_bound(&before, &after, q);
-                        let produce_p99 =
-                            metrics::quantile_bound(&before_produce, &after_produce, 0.99);
-                        if let (Some(p50), Some(p99), Ok(mut w)) =
-                            (q(0.5), q(0.99), ack_windows.lock())
-                        {
-                            let count =
-                                after[after.len() - 1].1 - before.last().map_or(0.0, |b| b.1);
+                    let ack = metrics::histogram_buckets(text, ACK_HISTOGRAM);
+                    let produce = metrics::histogram_buckets(text, PRODUCE_HISTOGRAM);
+                    if let (false, Some((ack0, produce0))) = (ack.is_empty(), &before) {
+                        let ms = |b: &[(f64, f64)], a: &[(f64, f64)], q| {
+                            metrics::quantile_bound(b, a, q).map(|v| v * 1000.0)
+                        };
+                        // An interval without acknowledgements is pushed too: a stall shows.
+                        if let Ok(mut w) = ack_windows.lock() {
                             w.push(AckWindow {
                                 end_s: t,
-                                records: count as u64,
-                                p50_le_ms: p50 * 1000.0,
-                                p99_le_ms: p99 * 1000.0,
-                                produce_p99_le_ms: produce_p99.map(|v| v * 1000.0),
+                                records: metrics::count_between(ack0, &ack),
+                                p50_le_ms: ms(ack0, &ack, 0.5),
+                                p99_le_ms: ms(ack0, &ack, 0.99),
+                                produce_p99_le_ms: ms(produce0, &produce, 0.99),
                             });
                         }
-                        before = after;
-                        before_produce = after_produce;
+                    }
+                    if !ack.is_empty() {
+                        before = Some((ack, produce));
                     }
                 }
                 let r = text.and_then(|text| {
