@@ -348,6 +348,34 @@ pub struct DrainConfig {
     pub flush_timeout: Duration,
 }
 
+/// `s` as a TOML basic string: quotes, backslashes and control characters escaped, everything
+/// else literal (Rust's `{:?}` escapes, such as `\u{1b}`, are not TOML).
+pub(crate) fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\u{:04X}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A TOML array of basic strings.
+pub(crate) fn toml_array<S: AsRef<str>>(items: &[S]) -> String {
+    let items: Vec<String> = items.iter().map(|i| toml_string(i.as_ref())).collect();
+    format!("[{}]", items.join(", "))
+}
+
 /// Marks a `print-config` value that is the machine-dependent default (written as a comment).
 const DEFAULTED: &str = "\u{0}default";
 
@@ -1029,10 +1057,9 @@ impl Config {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
         };
-        let q = |v: &str| format!("{v:?}");
+        let q = toml_string;
         let ms = |d: Duration| q(&fractional_ms(d));
-        let list =
-            |v: &[Cidr]| format!("{:?}", v.iter().map(|c| c.to_string()).collect::<Vec<_>>());
+        let list = |v: &[Cidr]| toml_array(&v.iter().map(|c| c.to_string()).collect::<Vec<_>>());
         let lines = [
             ("listen", q(&self.listen.to_string())),
             ("admin_listen", q(&self.admin_listen.to_string())),
@@ -1048,12 +1075,12 @@ impl Config {
             ("audio_encoding", q(enc)),
             (
                 "profile",
-                format!(
-                    "{:?}",
-                    sink.profiles
+                toml_array(
+                    &sink
+                        .profiles
                         .iter()
                         .map(|p| p.to_string())
-                        .collect::<Vec<_>>()
+                        .collect::<Vec<_>>(),
                 ),
             ),
             ("create_topics", sink.create_topics.to_string()),
@@ -1376,6 +1403,11 @@ mod tests {
                 "all",
                 "--playback-partitions",
                 "all",
+                // Quotes, a backslash and a control character must survive TOML quoting.
+                "--kafka-option",
+                "client.id=gw \"one\" \\ \u{1b}",
+                "--twiml-parameters",
+                "From,To",
             ],
             vec![
                 "--profile",
@@ -1432,6 +1464,14 @@ mod tests {
                 first.sink.kafka.get("linger.ms"),
                 again.sink.kafka.get("linger.ms"),
                 "case {i}: the value in effect"
+            );
+            assert_eq!(
+                first.sink.kafka.get("client.id"),
+                again.sink.kafka.get("client.id")
+            );
+            assert_eq!(
+                first.security.twiml.parameters,
+                again.security.twiml.parameters
             );
         }
         // Flags and env choose the playback assignment as a whole, over a printed file's.

@@ -330,7 +330,7 @@ impl SecurityConfig {
 
     /// `print-config` lines. Tokens are never printed, only whether they are set.
     pub fn to_toml(&self) -> String {
-        let q = |v: &str| format!("{v:?}");
+        let q = crate::config::toml_string;
         let mut s = String::new();
         if let Some(t) = &self.tls {
             s.push_str(&format!(
@@ -364,7 +364,10 @@ impl SecurityConfig {
             "twiml_then = {}\n",
             q(&self.twiml.then.to_string())
         ));
-        s.push_str(&format!("twiml_parameters = {:?}\n", self.twiml.parameters));
+        s.push_str(&format!(
+            "twiml_parameters = {}\n",
+            crate::config::toml_array(&self.twiml.parameters)
+        ));
         s
     }
 }

@@ -204,7 +204,11 @@ impl KafkaOptions {
                 // A redacted value is written as a comment: read back, the file must not set
                 // a password to the literal `<redacted>`.
                 let comment = if is_sensitive(&o.key) { "# " } else { "" };
-                s.push_str(&format!("{comment}{:?} = {:?}\n", o.key, o.shown_value()));
+                s.push_str(&format!(
+                    "{comment}{} = {}\n",
+                    crate::config::toml_string(&o.key),
+                    crate::config::toml_string(o.shown_value())
+                ));
             }
         }
         s
