@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use gateway::profile::{ProfileSpec, ProfileStream};
+use gateway::profile::{ChunkIn, ProfileSpec, ProfileStream};
 
 const PROFILES: [&str; 7] = [
     "mono8:rate=8000,format=s16le,layout=mono",
@@ -35,12 +35,14 @@ fn profiles(c: &mut Criterion) {
         let mut step = |stream: &mut ProfileStream| {
             let chunk = chunks[(k as usize) % chunks.len()];
             stream.push(
-                track,
-                chunk,
-                k * 20,
-                2 * k + track as u64,
-                k + 1,
-                k > 0,
+                ChunkIn {
+                    track,
+                    ulaw: chunk,
+                    timestamp_ms: k * 20,
+                    seq: 2 * k + track as u64,
+                    chunk: k + 1,
+                    contiguous: k > 0,
+                },
                 &mut |r| {
                     // What the sink does with each record: one boxed copy of the payload.
                     let boxed: Box<[u8]> = r.payload.into();

@@ -20,7 +20,9 @@ use std::f64::consts::{PI, TAU};
 use dsp::analysis::{blackman_harris, db, fft, tone_amplitude};
 use dsp::g711;
 use dsp::resample::{Upsampler, PASSBAND_RIPPLE_DB, STOPBAND_EDGE_HZ};
-use gateway::profile::{Channel, Layout, ProfileRecord, ProfileSpec, ProfileStream, SampleFormat};
+use gateway::profile::{
+    Channel, ChunkIn, Layout, ProfileRecord, ProfileSpec, ProfileStream, SampleFormat,
+};
 
 /// Images must stay this far below the tone. The filter is specified for ≥ 60 dB and measures
 /// ≥ 73 dB on its coefficients; 70 dB leaves room for μ-law and s16 rounding in the output.
@@ -105,12 +107,14 @@ impl Feeder {
         self.next_sample[track] = Some(start + ulaw.len() as u64);
         let records = &mut self.records;
         self.stream.push(
-            track,
-            ulaw,
-            timestamp_ms,
-            seq,
-            chunk,
-            contiguous,
+            ChunkIn {
+                track,
+                ulaw,
+                timestamp_ms,
+                seq,
+                chunk,
+                contiguous,
+            },
             &mut |r| records.push(r.into()),
         );
     }
@@ -505,9 +509,17 @@ fn a_gap_flushes_the_run_and_restarts_it() {
                 let contiguous = k > 0; // the session's verdict, false at each run's start
                 let ts = start + 20 * k as u64;
                 let seq = 100 * run as u64 + k as u64;
-                stream.push(0, payload, ts, seq, seq, contiguous, &mut |r| {
-                    records.push(Rec::from(r))
-                });
+                stream.push(
+                    ChunkIn {
+                        track: 0,
+                        ulaw: payload,
+                        timestamp_ms: ts,
+                        seq,
+                        chunk: seq,
+                        contiguous,
+                    },
+                    &mut |r| records.push(Rec::from(r)),
+                );
             }
         }
         stream.finish(&mut |r| records.push(Rec::from(r)));
@@ -534,12 +546,28 @@ fn a_gap_flushes_the_run_and_restarts_it() {
     let mut f = ProfileStream::new(&ProfileSpec::parse("v:rate=16000").expect("s")).expect("s");
     let mut records = Vec::new();
     let audio = rng.bytes(320);
-    f.push(0, &audio[..160], 0, 1, 1, true, &mut |r| {
-        records.push(Rec::from(r))
-    });
-    f.push(0, &audio[160..], 100, 2, 2, true, &mut |r| {
-        records.push(Rec::from(r))
-    });
+    f.push(
+        ChunkIn {
+            track: 0,
+            ulaw: &audio[..160],
+            timestamp_ms: 0,
+            seq: 1,
+            chunk: 1,
+            contiguous: true,
+        },
+        &mut |r| records.push(Rec::from(r)),
+    );
+    f.push(
+        ChunkIn {
+            track: 0,
+            ulaw: &audio[160..],
+            timestamp_ms: 100,
+            seq: 2,
+            chunk: 2,
+            contiguous: true,
+        },
+        &mut |r| records.push(Rec::from(r)),
+    );
     f.finish(&mut |r| records.push(Rec::from(r)));
     assert_eq!(records.len(), 2);
     assert!(!records[1].contiguous);
@@ -1045,7 +1073,17 @@ fn steady_streaming_does_not_allocate() {
             for k in ks {
                 for (track, a) in audio.iter().enumerate() {
                     let c = &a[160 * k..160 * (k + 1)];
-                    stream.push(track, c, 20 * k as u64, k as u64, k as u64, k > 0, sink);
+                    stream.push(
+                        ChunkIn {
+                            track,
+                            ulaw: c,
+                            timestamp_ms: 20 * k as u64,
+                            seq: k as u64,
+                            chunk: k as u64,
+                            contiguous: k > 0,
+                        },
+                        sink,
+                    );
                 }
             }
         };
@@ -1054,7 +1092,17 @@ fn steady_streaming_does_not_allocate() {
         assert_eq!(n, 0, "{spec}: {n} allocations in 280 chunks per track");
         // Gaps and finish reuse the same buffers too.
         let n = counting::count(|| {
-            stream.push(0, &audio[0][..160], 10_000, 1, 1, false, &mut sink);
+            stream.push(
+                ChunkIn {
+                    track: 0,
+                    ulaw: &audio[0][..160],
+                    timestamp_ms: 10_000,
+                    seq: 1,
+                    chunk: 1,
+                    contiguous: false,
+                },
+                &mut sink,
+            );
             stream.finish(&mut sink);
         });
         assert_eq!(n, 0, "{spec}: {n} allocations at a gap and finish");
@@ -1087,17 +1135,41 @@ fn hostile_timestamps_and_long_gaps_are_harmless_and_cheap() {
         .into_iter()
         .enumerate()
         {
-            stream.push(i % 2, &chunk, ts, i as u64, i as u64, true, &mut |r| {
-                records.push(Rec::from(r))
-            });
+            stream.push(
+                ChunkIn {
+                    track: i % 2,
+                    ulaw: &chunk,
+                    timestamp_ms: ts,
+                    seq: i as u64,
+                    chunk: i as u64,
+                    contiguous: true,
+                },
+                &mut |r| records.push(Rec::from(r)),
+            );
         }
         // Empty payloads and unknown tracks are ignored.
-        stream.push(0, &[], 80, 99, 99, true, &mut |r| {
-            records.push(Rec::from(r))
-        });
-        stream.push(7, &chunk, 80, 99, 99, true, &mut |r| {
-            records.push(Rec::from(r))
-        });
+        stream.push(
+            ChunkIn {
+                track: 0,
+                ulaw: &[],
+                timestamp_ms: 80,
+                seq: 99,
+                chunk: 99,
+                contiguous: true,
+            },
+            &mut |r| records.push(Rec::from(r)),
+        );
+        stream.push(
+            ChunkIn {
+                track: 7,
+                ulaw: &chunk,
+                timestamp_ms: 80,
+                seq: 99,
+                chunk: 99,
+                contiguous: true,
+            },
+            &mut |r| records.push(Rec::from(r)),
+        );
         stream.finish(&mut |r| records.push(Rec::from(r)));
         assert!(!records.is_empty(), "{spec}");
         let stereo: Vec<&Rec> = records

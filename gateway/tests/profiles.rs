@@ -10,7 +10,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use gateway::profile::{Channel, ProfileSpec, ProfileStream};
+use gateway::profile::{Channel, ChunkIn, ProfileSpec, ProfileStream};
 use support::*;
 
 const ACCOUNT: &str = "AC00000000000000000000000000000001";
@@ -103,7 +103,17 @@ fn expected(prefix: &str, stream_sid: &str, sent: &[Sent]) -> Vec<Want> {
             let start = s.ts * 8;
             let contiguous = next_sample[t] == Some(start);
             next_sample[t] = Some(start + s.ulaw.len() as u64);
-            ps.push(t, &s.ulaw, s.ts, s.seq, s.chunk, contiguous, &mut collect);
+            ps.push(
+                ChunkIn {
+                    track: t,
+                    ulaw: &s.ulaw,
+                    timestamp_ms: s.ts,
+                    seq: s.seq,
+                    chunk: s.chunk,
+                    contiguous,
+                },
+                &mut collect,
+            );
         }
         ps.finish(&mut collect);
         want.extend(records);

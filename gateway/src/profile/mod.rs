@@ -97,6 +97,24 @@ pub struct ProfileRecord<'a> {
     pub payload: &'a [u8],
 }
 
+/// One Twilio chunk as a profile takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkIn<'a> {
+    /// 0 = inbound, 1 = outbound.
+    pub track: usize,
+    /// The μ-law bytes.
+    pub ulaw: &'a [u8],
+    /// Twilio `timestamp`, ms.
+    pub timestamp_ms: u64,
+    /// `sequenceNumber`.
+    pub seq: u64,
+    /// `chunk`.
+    pub chunk: u64,
+    /// The session's judgement that the chunk starts exactly where the previous chunk of its
+    /// track ended.
+    pub contiguous: bool,
+}
+
 /// One stream's state for one profile: a resampler per track (mono) or the stereo assembler.
 #[derive(Debug)]
 pub struct ProfileStream {
@@ -127,26 +145,14 @@ impl ProfileStream {
         Ok(ProfileStream { inner })
     }
 
-    /// One non-empty chunk of `track` (0 = inbound, 1 = outbound; anything else and empty
-    /// payloads are ignored): its μ-law bytes, Twilio `timestamp` (ms), `sequenceNumber` and
-    /// `chunk`. `contiguous` is the session's judgement that the chunk starts exactly where
-    /// the previous chunk of this track ended; when false (or when the timestamps say
-    /// otherwise) the track's resampler is flushed and restarted. Every record that became
-    /// complete is passed to `out`, in order per channel.
-    #[allow(clippy::too_many_arguments)]
-    pub fn push(
-        &mut self,
-        track: usize,
-        ulaw: &[u8],
-        timestamp_ms: u64,
-        seq: u64,
-        chunk: u64,
-        contiguous: bool,
-        out: &mut dyn FnMut(ProfileRecord<'_>),
-    ) {
+    /// One chunk (see [`ChunkIn`]; other tracks and empty payloads are ignored). When it does
+    /// not continue its track (`contiguous` false, or the timestamps say otherwise) the track's
+    /// resampler is flushed and restarted. Every record that became complete is passed to
+    /// `out`, in order per channel.
+    pub fn push(&mut self, c: ChunkIn<'_>, out: &mut dyn FnMut(ProfileRecord<'_>)) {
         match &mut self.inner {
-            Inner::Mono(m) => m.push(track, ulaw, timestamp_ms, seq, chunk, contiguous, out),
-            Inner::Stereo(s) => s.push(track, ulaw, timestamp_ms, seq, chunk, contiguous, out),
+            Inner::Mono(m) => m.push(c, out),
+            Inner::Stereo(s) => s.push(c, out),
         }
     }
 

@@ -10,7 +10,7 @@
 
 use super::spec::SampleFormat;
 use super::track::{input_position, ChunkInfo, TrackRun, CHUNK_SAMPLES};
-use super::{encode_into, Channel, ProfileRecord};
+use super::{encode_into, Channel, ChunkIn, ProfileRecord};
 
 /// Per-track resamplers and the samples not yet handed over.
 #[derive(Debug)]
@@ -43,17 +43,15 @@ impl Mono {
     }
 
     /// See [`super::ProfileStream::push`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn push(
-        &mut self,
-        track: usize,
-        ulaw: &[u8],
-        timestamp_ms: u64,
-        seq: u64,
-        chunk: u64,
-        contiguous: bool,
-        out: &mut dyn FnMut(ProfileRecord<'_>),
-    ) {
+    pub fn push(&mut self, c: ChunkIn<'_>, out: &mut dyn FnMut(ProfileRecord<'_>)) {
+        let ChunkIn {
+            track,
+            ulaw,
+            timestamp_ms,
+            seq,
+            chunk,
+            contiguous,
+        } = c;
         // The index is checked once here; everything below indexes with it.
         if track >= self.tracks.len() || ulaw.is_empty() {
             return;

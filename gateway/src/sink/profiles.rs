@@ -26,7 +26,7 @@ use std::sync::Arc;
 use super::record::{Kind, SpoolRecord, COMPACT_OVERHEAD};
 use super::stream::StreamEntry;
 use super::{OverflowPolicy, Sink, TopicKind, TopicSpec, Topics};
-use crate::profile::{Channel, Layout, ProfileRecord, ProfileSpec, ProfileStream};
+use crate::profile::{Channel, ChunkIn, Layout, ProfileRecord, ProfileSpec, ProfileStream};
 use crate::protocol::Track;
 
 /// Flag: a record of an output profile (see the module docs).
@@ -181,15 +181,16 @@ impl ProfilePublisher {
         for o in &mut self.outputs {
             let first_slot = o.first_slot;
             let received = c.received_at_us;
-            o.stream.push(
-                c.track.index(),
-                c.ulaw,
-                c.timestamp_ms,
-                c.seq,
-                c.chunk,
-                c.contiguous,
-                &mut |r| emit(sink, entry, first_slot, received, &r),
-            );
+            let chunk = ChunkIn {
+                track: c.track.index(),
+                ulaw: c.ulaw,
+                timestamp_ms: c.timestamp_ms,
+                seq: c.seq,
+                chunk: c.chunk,
+                contiguous: c.contiguous,
+            };
+            o.stream
+                .push(chunk, &mut |r| emit(sink, entry, first_slot, received, &r));
         }
     }
 
