@@ -767,8 +767,8 @@ impl Config {
         if let Some(n) = worker_threads.filter(|n| !(1..=1024).contains(n)) {
             errors.push(format!("--worker-threads: {n} is not between 1 and 1024"));
         }
-        if !io_pace.is_zero() && io_pace < Duration::from_micros(1) {
-            errors.push("--io-pace: 0 (off) or at least 1µs".into());
+        if io_pace.subsec_nanos() % 1000 != 0 {
+            errors.push("--io-pace: 0 (off) or whole microseconds, e.g. 0.5ms or 1ms".into());
         }
         // Twilio is sent to --public-url; the listener answers only --ws-path.
         if let Some(url) = &security.public_url {
@@ -1553,6 +1553,7 @@ mod tests {
         let errs = parse(&["--worker-threads", "0", "--io-pace", "20ms"]).unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(parse(&["--io-pace", "0.0001ms"]).is_err(), "below 1µs");
+        assert!(parse(&["--io-pace", "0.0019ms"]).is_err(), "not whole µs");
         assert!(
             errs.iter().any(|e| e.contains("--worker-threads")),
             "{errs:?}"

@@ -337,6 +337,14 @@ pub async fn serve<S>(
             Ok(f) => f,
             Err(e) => break classify_ws_error(e),
         };
+        // RFC 6455 §5.1: a server closes the connection on a frame its client did not mask.
+        if !client_masked(&mut frame) {
+            break End::Error(SessionError::new(
+                close_code::PROTOCOL,
+                ProtocolErrorKind::WebsocketProtocol,
+                "unmasked client frame",
+            ));
+        }
         let result = match frame.opcode {
             OpCode::Text if frame.fin && !in_fragment => c.on_text(frame.payload.to_mut()),
             OpCode::Text if !in_fragment => {
@@ -422,6 +430,14 @@ pub async fn serve<S>(
     drop(c);
     linger(ws.into_inner()).await;
     metrics.open_connections.dec();
+}
+
+/// Whether the client masked `frame` (fastwebsockets keeps the key but does not expose it;
+/// its header formatter sets the mask bit from it). A few byte writes on the stack.
+fn client_masked(frame: &mut fastwebsockets::Frame<'_>) -> bool {
+    let mut head = [0u8; 14];
+    frame.fmt_head(&mut head);
+    head[1] & 0x80 != 0
 }
 
 #[cfg(test)]

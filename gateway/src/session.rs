@@ -169,6 +169,9 @@ impl SessionError {
             ParseError::WrongType(_) => (close_code::POLICY, ProtocolErrorKind::WrongType),
             ParseError::InvalidNumber(_) => (close_code::POLICY, ProtocolErrorKind::InvalidNumber),
             ParseError::InvalidTrack => (close_code::POLICY, ProtocolErrorKind::InvalidTrack),
+            ParseError::StreamSidMismatch => {
+                (close_code::POLICY, ProtocolErrorKind::StreamSidMismatch)
+            }
         };
         SessionError::new(code, kind, e.to_string())
     }

@@ -387,6 +387,39 @@ async fn hostile_peers_fail_alone_while_good_streams_run_bit_exact() {
         vec![bad_chunk(&sid_h, 0)],
     ));
 
+    // --- a frame the client did not mask (RFC 6455 §5.1: the server must close).
+    let sid_u = sid("MZ", 30);
+    s.case(&gw, "websocket_protocol", async {
+        let mut c = started(&gw, &sid_u, 1).await;
+        c.ws.set_auto_apply_mask(false);
+        c.send(&media(&sid_u, 3, "inbound", 2, 20, &bad_chunk(&sid_u, 1)))
+            .await;
+        expect_close(&mut c, 1002, Some("unmasked client frame")).await;
+    })
+    .await;
+    s.expects.push(keyed(
+        &sid_u,
+        "error",
+        &["websocket_protocol"],
+        vec![bad_chunk(&sid_u, 0)],
+    ));
+
+    // --- a start whose two stream SIDs disagree: neither is guessed (no stream starts).
+    s.case(&gw, "stream_sid_mismatch", async {
+        let mut c = connect(&gw).await;
+        c.send(&connected()).await;
+        let (a, b) = (sid("MZ", 31), sid("MZ", 32));
+        let msg = start(&a, &call_of(&a), ACCOUNT, &["inbound"], &[]).replacen(
+            &format!("\"streamSid\":\"{a}\""),
+            &format!("\"streamSid\":\"{b}\""),
+            1,
+        );
+        assert!(msg.contains(b.as_str()), "{msg}");
+        c.send(&msg).await;
+        expect_close(&mut c, 1008, Some("streamSid differs from start.streamSid")).await;
+    })
+    .await;
+
     // --- media before start.
     s.case(&gw, "media_before_start", async {
         let mut c = connect(&gw).await;
@@ -859,7 +892,7 @@ async fn hostile_peers_fail_alone_while_good_streams_run_bit_exact() {
     for (_, v) in &events {
         if v["type"] == "error" {
             assert!(
-                [1003, 1007, 1008, 1009].contains(&v["close_code"].as_u64().unwrap()),
+                [1002, 1003, 1007, 1008, 1009].contains(&v["close_code"].as_u64().unwrap()),
                 "{v}"
             );
         }

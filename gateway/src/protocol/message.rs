@@ -234,6 +234,9 @@ pub enum ParseError {
     /// `media.track` or an entry of `start.tracks` is not `inbound`/`outbound`.
     #[error("invalid track")]
     InvalidTrack,
+    /// A `start` whose top-level `streamSid` and `start.streamSid` differ.
+    #[error("streamSid differs from start.streamSid")]
+    StreamSidMismatch,
 }
 
 impl ParseError {
@@ -247,6 +250,7 @@ impl ParseError {
             ParseError::WrongType(_) => "wrong_type",
             ParseError::InvalidNumber(_) => "invalid_number",
             ParseError::InvalidTrack => "invalid_track",
+            ParseError::StreamSidMismatch => "stream_sid_mismatch",
         }
     }
 }
@@ -511,6 +515,10 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
             }
             if !have_tracks {
                 return Err(ParseError::MissingField("start.tracks"));
+            }
+            // Twilio sends the SID twice; which one would the stream be? Neither is guessed.
+            if matches!((inner_sid, stream_sid), (Some(a), Some(b)) if a != b) {
+                return Err(ParseError::StreamSidMismatch);
             }
             Message::Start(Start {
                 seq: seq(false)?,

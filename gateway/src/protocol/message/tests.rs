@@ -163,6 +163,7 @@ fn malformed_inputs_have_specific_errors() {
         (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA"}}"#, ParseError::MissingField("start.tracks")),
         (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":"inbound"}}"#, ParseError::WrongType("start.tracks")),
         (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["sideways"]}}"#, ParseError::InvalidTrack),
+        (br#"{"event":"start","streamSid":"MZother","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"]}}"#, ParseError::StreamSidMismatch),
         (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"customParameters":{"a":1}}}"#, ParseError::WrongType("start.customParameters")),
         (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":"8000","channels":1}}}"#, ParseError::WrongType("mediaFormat.sampleRate")),
         (br#"{"event":"dtmf","dtmf":{"track":"inbound_track"}}"#, ParseError::MissingField("dtmf.digit")),
