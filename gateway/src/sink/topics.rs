@@ -46,7 +46,9 @@ fn existing_topics(kafka: &KafkaOptions, timeout: Duration) -> Result<Vec<String
         .collect())
 }
 
-/// Partitions of `topic` (blocking metadata request).
+/// Partitions of `topic` (blocking metadata requests). A topic created a moment ago may be
+/// absent from, or in error in, the first metadata answers (seen with the local broker under
+/// load): it is asked again every 100 ms until `timeout`, and only then reported missing.
 pub fn partition_count(
     kafka: &KafkaOptions,
     topic: &str,
@@ -56,18 +58,29 @@ pub fn partition_count(
         .client_config()
         .create()
         .map_err(|e| SinkError::Client(kafka.describe_error(&e)))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| SinkError::Unreachable {
-            brokers: kafka.brokers.clone(),
-            detail: kafka.redact(&e.to_string()),
-        })?;
-    md.topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().len() as i32)
-        .filter(|n| *n > 0)
-        .ok_or_else(|| SinkError::MissingTopics(vec![topic.to_owned()]))
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let md = consumer
+            .fetch_metadata(Some(topic), left.max(Duration::from_millis(100)))
+            .map_err(|e| SinkError::Unreachable {
+                brokers: kafka.brokers.clone(),
+                detail: kafka.redact(&e.to_string()),
+            })?;
+        let count = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+            .filter(|n| *n > 0);
+        match count {
+            Some(n) => return Ok(n),
+            None if std::time::Instant::now() >= deadline => {
+                return Err(SinkError::MissingTopics(vec![topic.to_owned()]))
+            }
+            None => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 /// Ensures the topics exist; creates missing ones when allowed. Blocking for up to about
