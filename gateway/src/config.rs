@@ -376,9 +376,6 @@ pub(crate) fn toml_array<S: AsRef<str>>(items: &[S]) -> String {
     format!("[{}]", items.join(", "))
 }
 
-/// Marks a `print-config` value that is the machine-dependent default (written as a comment).
-const DEFAULTED: &str = "\u{0}default";
-
 /// `1ms`, `0.5ms`, `0.125ms`: exact to the microsecond, as [`parse_duration`] reads it back.
 fn fractional_ms(d: Duration) -> String {
     let us = d.as_micros();
@@ -1110,12 +1107,11 @@ impl Config {
                 "max_handshakes_per_source",
                 server.access.max_handshakes_per_source.to_string(),
             ),
-            (
-                "worker_threads",
-                self.runtime
-                    .worker_threads
-                    .map_or_else(|| DEFAULTED.into(), |n| n.to_string()),
-            ),
+            // A default that depends on the machine stays a default when read back.
+            match self.runtime.worker_threads {
+                Some(n) => ("worker_threads", n.to_string()),
+                None => ("# worker_threads", "default".into()),
+            },
             ("io_pace", q(&fractional_ms(self.runtime.io_pace))),
             ("playback", self.playback.enabled.to_string()),
             (
@@ -1176,10 +1172,7 @@ impl Config {
         }
         let mut s = String::new();
         for (k, v) in lines {
-            if v == DEFAULTED {
-                // A default that depends on the machine stays a default when read back.
-                s.push_str(&format!("# {k}: default\n"));
-            } else if k.starts_with('#') {
+            if k.starts_with('#') {
                 s.push_str(&format!("{k}: {v}\n"));
             } else {
                 s.push_str(&format!("{k} = {v}\n"));

@@ -578,12 +578,14 @@ impl Session {
             }
         }
         out.profile_chunk(&crate::sink::profiles::ProfileChunk {
-            track: m.track,
-            ulaw: &self.ulaw,
-            timestamp_ms: m.timestamp_ms,
-            seq: m.seq,
-            chunk: m.chunk,
-            contiguous: expected == Some(start),
+            chunk: crate::profile::ChunkIn {
+                track: m.track.index(),
+                ulaw: &self.ulaw,
+                timestamp_ms: m.timestamp_ms,
+                seq: m.seq,
+                chunk: m.chunk,
+                contiguous: expected == Some(start),
+            },
             received_at_us: at.unix_us,
         });
         let first = FirstChunk {

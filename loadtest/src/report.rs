@@ -362,26 +362,26 @@ impl Report {
             );
         }
         if let Some(w) = self.gateway_ack_latency.as_ref().filter(|w| !w.is_empty()) {
-            let le = |v: Option<f64>| match v {
-                None => "-".to_string(),
-                Some(v) if v.is_finite() => format!("{v:.0}"),
-                Some(_) => "inf".into(),
+            // One bound per interval: `-` = no acknowledgement, `inf` = above the last bucket.
+            let series = |bound: fn(&AckWindow) -> Option<f64>| {
+                w.iter()
+                    .map(|w| match bound(w) {
+                        None => "-".to_string(),
+                        Some(v) if v.is_finite() => format!("{v:.0}"),
+                        Some(_) => "inf".into(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
             };
             let _ = writeln!(
                 s,
                 "  gateway recv→ack p99 ≤ {} ms by scrape interval (bucket bounds)",
-                w.iter()
-                    .map(|w| le(w.p99_le_ms))
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                series(|w| w.p99_le_ms)
             );
             let _ = writeln!(
                 s,
                 "  of which produce→ack ≤ {} ms",
-                w.iter()
-                    .map(|w| le(w.produce_p99_le_ms))
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                series(|w| w.produce_p99_le_ms)
             );
         }
         if let Some(b) = &self.bidirectional {

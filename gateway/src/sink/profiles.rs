@@ -129,18 +129,8 @@ pub fn track_header(channels: u32, track: Track) -> &'static str {
 /// One chunk as the session hands it to the profiles.
 #[derive(Debug, Clone, Copy)]
 pub struct ProfileChunk<'a> {
-    /// Its track.
-    pub track: Track,
-    /// μ-law bytes (non-empty).
-    pub ulaw: &'a [u8],
-    /// Twilio `timestamp`, ms.
-    pub timestamp_ms: u64,
-    /// `sequenceNumber`.
-    pub seq: u64,
-    /// `media.chunk`.
-    pub chunk: u64,
-    /// The chunk starts exactly where the previous chunk of its track ended.
-    pub contiguous: bool,
+    /// The chunk as the profiles take it (μ-law bytes non-empty).
+    pub chunk: ChunkIn<'a>,
     /// Gateway receive time, unix µs.
     pub received_at_us: u64,
 }
@@ -181,16 +171,9 @@ impl ProfilePublisher {
         for o in &mut self.outputs {
             let first_slot = o.first_slot;
             let received = c.received_at_us;
-            let chunk = ChunkIn {
-                track: c.track.index(),
-                ulaw: c.ulaw,
-                timestamp_ms: c.timestamp_ms,
-                seq: c.seq,
-                chunk: c.chunk,
-                contiguous: c.contiguous,
-            };
-            o.stream
-                .push(chunk, &mut |r| emit(sink, entry, first_slot, received, &r));
+            o.stream.push(c.chunk, &mut |r| {
+                emit(sink, entry, first_slot, received, &r)
+            });
         }
     }
 
