@@ -453,10 +453,21 @@ fn fetched_high_watermark(consumer: &BaseConsumer, topic: &str, partition: i32) 
 }
 
 /// Where consuming must reach before the tap (without `--follow`) is done.
+#[derive(Default)]
 struct Progress {
     /// (topic, partition) → end offset captured at start, for partitions not yet caught up.
     remaining: HashMap<(String, i32), i64>,
+    /// Whether any partition had something to read when the targets were captured.
+    had_targets: bool,
+    /// Consecutive empty polls since every target was reached.
+    quiet_polls: u32,
 }
+
+/// Empty polls (200 ms each) that confirm the end once every target is reached. The targets
+/// come from watermarks, and a watermark seen at the wrong moment (an offsets answer short
+/// of the end, a fetch response's high watermark not yet moved) once ended a read one record
+/// early (a CI failure of the tap test); records that arrive meanwhile are read and reset it.
+const QUIET_POLLS_TO_FINISH: u32 = 2;
 
 impl Progress {
     /// Some brokers (the local Tansu) answer a "latest offset" request with the first offset
@@ -464,6 +475,7 @@ impl Progress {
     /// high watermark of fetch responses is right: when the captured end is reached, it is
     /// consulted and the target moves to it if it is further.
     fn seen(&mut self, consumer: &BaseConsumer, topic: &str, partition: i32, offset: i64) {
+        self.quiet_polls = 0;
         let k = (topic.to_owned(), partition);
         if let Some(&end) = self.remaining.get(&k) {
             if offset + 1 >= end {
@@ -481,6 +493,7 @@ impl Progress {
     /// (transaction markers, compacted records).
     fn check_positions(&mut self, consumer: &BaseConsumer) {
         if self.remaining.is_empty() {
+            self.quiet_polls += 1;
             return;
         }
         if let Ok(pos) = consumer.position() {
@@ -501,8 +514,16 @@ impl Progress {
         }
     }
 
+    /// Every target reached and confirmed by quiet polls (at once when nothing was to read).
     fn done(&self) -> bool {
         self.remaining.is_empty()
+            && (!self.had_targets || self.quiet_polls >= QUIET_POLLS_TO_FINISH)
+    }
+
+    /// Sets the end of one partition (called while building the assignment).
+    fn target(&mut self, topic: &str, partition: i32, end: i64) {
+        self.had_targets = true;
+        self.remaining.insert((topic.to_owned(), partition), end);
     }
 }
 
@@ -535,17 +556,13 @@ fn find_replay_index(
         return Ok(None);
     };
     let mut tpl = TopicPartitionList::new();
-    let mut progress = Progress {
-        remaining: HashMap::new(),
-    };
+    let mut progress = Progress::default();
     for p in t.partitions() {
         let (low, high) = consumer
             .fetch_watermarks(events_topic, p.id(), METADATA_TIMEOUT)
             .map_err(kafka(format!("watermarks of {events_topic}[{}]", p.id())))?;
         if high > low {
-            progress
-                .remaining
-                .insert((events_topic.to_owned(), p.id()), high);
+            progress.target(events_topic, p.id(), high);
             tpl.add_partition_offset(events_topic, p.id(), Offset::Beginning)
                 .map_err(kafka("building the assignment"))?;
         }
@@ -639,9 +656,7 @@ pub fn run(args: TapArgs) -> Result<(), TapError> {
         }
     }
     let mut tpl = TopicPartitionList::new();
-    let mut progress = Progress {
-        remaining: HashMap::new(),
-    };
+    let mut progress = Progress::default();
     // A stream that has ended carries its replay index: read only its partitions' ranges.
     let index = match (&args.stream, args.follow) {
         (Some(sid), false) => find_replay_index(&consumer, &topics[2], sid)?,
@@ -661,9 +676,7 @@ pub fn run(args: TapArgs) -> Result<(), TapError> {
             }
             tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.first))
                 .map_err(kafka("building the assignment"))?;
-            progress
-                .remaining
-                .insert((r.topic.clone(), r.partition), r.last + 1);
+            progress.target(&r.topic, r.partition, r.last + 1);
         }
     }
     for topic in topics.iter().filter(|_| index.is_none()) {
@@ -683,7 +696,7 @@ pub fn run(args: TapArgs) -> Result<(), TapError> {
                 .fetch_watermarks(topic, p.id(), METADATA_TIMEOUT)
                 .map_err(kafka(format!("watermarks of {topic}[{}]", p.id())))?;
             if high > low {
-                progress.remaining.insert((topic.clone(), p.id()), high);
+                progress.target(topic, p.id(), high);
             }
             tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
                 .map_err(kafka("building the assignment"))?;
