@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::playback::Playback;
 use crate::security::Security;
+use crate::server::ingest::IngestPool;
 use crate::server::ServerContext;
 use crate::shutdown::Shutdown;
 use crate::sink::drain::FinishReport;
@@ -53,6 +54,9 @@ pub enum AppError {
     /// TLS files could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::security::tls::TlsError),
+    /// An ingest thread (`--ingest-threads`) could not start.
+    #[error("starting ingest threads: {0}")]
+    Ingest(std::io::Error),
 }
 
 /// The two listening sockets.
@@ -172,12 +176,17 @@ pub async fn run(
         Some((p, c)) => (Some(p), Some(c)),
         None => (None, None),
     };
+    let ingest = match cfg.runtime.ingest.resolve() {
+        0 => None,
+        n => Some(IngestPool::start(n, cfg.runtime.io_pace, &metrics).map_err(AppError::Ingest)?),
+    };
     let ctx = ServerContext::new(
         sink.clone(),
         cfg.server.clone(),
         shutdown.clone(),
         security,
         playback,
+        ingest,
     );
     let admin_task = tokio::spawn(admin::run(listeners.admin, ctx.clone()));
     let probe_task = tokio::spawn(admin::probe_brokers_forever(
@@ -265,6 +274,17 @@ async fn drain(
         "final flush of the Kafka path"
     );
     let flush = finish(&ctx.sink, cfg.drain.flush_timeout).await;
+    if ctx.ingest.is_some() {
+        // Every connection task has ended (or the close grace gave up on it).
+        let ctx = ctx.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(pool) = &ctx.ingest {
+                pool.stop();
+            }
+        })
+        .await
+        .ok();
+    }
     if flush.complete {
         tracing::info!("shutdown complete: every accepted record acknowledged or counted");
     }

@@ -102,14 +102,21 @@ pub struct RunArgs {
     /// [default: 256, a quarter of --max-concurrent-handshakes' default].
     #[arg(long, env = "GATEWAY_MAX_HANDSHAKES_PER_SOURCE")]
     pub max_handshakes_per_source: Option<u32>,
-    /// Tokio worker threads serving connections [default: one per available core].
+    /// Tokio worker threads of the shared runtime (accept loop, admin port, playback; the
+    /// connections too with `--ingest-threads 0`) [default: one per available core].
     #[arg(long, env = "GATEWAY_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
-    /// Read coalescing: a worker about to wait for I/O first sleeps this long, so one wake-up
+    /// Read coalescing: a thread serving connections (each ingest thread, or each worker with
+    /// `--ingest-threads 0`) about to wait for I/O first sleeps this long, so one wake-up
     /// serves every socket that became readable meanwhile; adds up to this much latency per
     /// message, e.g. `1ms` (at most 10ms) [default: 0 = off].
     #[arg(long, env = "GATEWAY_IO_PACE")]
     pub io_pace: Option<String>,
+    /// Thread-per-core ingest: connections run on this many threads, each with its own
+    /// single-threaded runtime, from handshake to close; `cores` = one per core the process
+    /// may use, `0` = on the shared worker pool (`--worker-threads`) [default: cores].
+    #[arg(long, env = "GATEWAY_INGEST_THREADS", value_name = "N|cores")]
+    pub ingest_threads: Option<String>,
     /// Consume `<prefix>.playback` and play it into streams (`--playback=false` turns
     /// bidirectional streams off) [default: true].
     #[arg(long, env = "GATEWAY_PLAYBACK", num_args = 0..=1, default_missing_value = "true")]
@@ -234,6 +241,7 @@ struct FileConfig {
     max_handshakes_per_source: Option<u32>,
     worker_threads: Option<usize>,
     io_pace: Option<String>,
+    ingest_threads: Option<NumberOrWord>,
     playback: Option<bool>,
     playback_partitions: Option<String>,
     instance_index: Option<NumberOrWord>,
@@ -333,8 +341,56 @@ pub struct Config {
 pub struct RuntimeConfig {
     /// Worker threads; `None` = tokio's default, one per core the process may use.
     pub worker_threads: Option<usize>,
-    /// Sleep before a worker waits for I/O (read coalescing); zero = off.
+    /// Sleep before a worker waits for I/O (read coalescing); zero = off. It applies to the
+    /// runtimes that serve connections: the ingest threads when there are any, else the workers.
     pub io_pace: Duration,
+    /// Where connections run (decision 39).
+    pub ingest: IngestThreads,
+}
+
+/// Where connection tasks run (`--ingest-threads`, decision 39).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestThreads {
+    /// On the shared multi-thread runtime (tokio's work-stealing worker pool).
+    Shared,
+    /// One single-threaded runtime per core the process may use.
+    PerCore,
+    /// This many single-threaded runtimes (1..=1024).
+    Count(usize),
+}
+
+impl IngestThreads {
+    /// Parses `0`, `cores` or a thread count.
+    fn parse(raw: &str) -> Result<IngestThreads, String> {
+        match raw.trim() {
+            "cores" => Ok(IngestThreads::PerCore),
+            "0" => Ok(IngestThreads::Shared),
+            n => match n.parse::<usize>() {
+                Ok(n) if (1..=1024).contains(&n) => Ok(IngestThreads::Count(n)),
+                _ => Err(format!(
+                    "--ingest-threads: {raw:?} is not 0, `cores` or a count between 1 and 1024"
+                )),
+            },
+        }
+    }
+
+    /// How many ingest threads to start on this machine (0 = shared runtime).
+    pub fn resolve(self) -> usize {
+        match self {
+            IngestThreads::Shared => 0,
+            IngestThreads::PerCore => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            IngestThreads::Count(n) => n,
+        }
+    }
+
+    /// The value as written on the command line.
+    fn as_arg(self) -> String {
+        match self {
+            IngestThreads::Shared => "0".into(),
+            IngestThreads::PerCore => "cores".into(),
+            IngestThreads::Count(n) => n.to_string(),
+        }
+    }
 }
 
 /// Shutdown timing.
@@ -764,6 +820,16 @@ impl Config {
         if let Some(n) = worker_threads.filter(|n| !(1..=1024).contains(n)) {
             errors.push(format!("--worker-threads: {n} is not between 1 and 1024"));
         }
+        let ingest = match args
+            .ingest_threads
+            .or(file.ingest_threads.map(NumberOrWord::into_string))
+        {
+            None => IngestThreads::PerCore,
+            Some(raw) => IngestThreads::parse(&raw).unwrap_or_else(|e| {
+                errors.push(e);
+                IngestThreads::Shared
+            }),
+        };
         if io_pace.subsec_nanos() % 1000 != 0 {
             errors.push("--io-pace: 0 (off) or whole microseconds, e.g. 0.5ms or 1ms".into());
         }
@@ -990,6 +1056,7 @@ impl Config {
             runtime: RuntimeConfig {
                 worker_threads,
                 io_pace,
+                ingest,
             },
             listen,
             admin_listen,
@@ -1113,6 +1180,7 @@ impl Config {
                 None => ("# worker_threads", "default".into()),
             },
             ("io_pace", q(&fractional_ms(self.runtime.io_pace))),
+            ("ingest_threads", q(&self.runtime.ingest.as_arg())),
             ("playback", self.playback.enabled.to_string()),
             (
                 "playback_partitions",
@@ -1390,8 +1458,12 @@ mod tests {
                 "3",
                 "--io-pace",
                 "0.5ms",
+                "--ingest-threads",
+                "cores",
             ],
             vec![
+                "--ingest-threads",
+                "2",
                 "--partitions-per-instance",
                 "all",
                 "--playback-partitions",
@@ -1521,23 +1593,56 @@ mod tests {
             c.runtime,
             RuntimeConfig {
                 worker_threads: None,
-                io_pace: Duration::ZERO
+                io_pace: Duration::ZERO,
+                ingest: IngestThreads::PerCore,
             }
         );
         assert!(c.to_toml().contains("# worker_threads: default\n"));
-        let c = parse(&["--worker-threads", "1", "--io-pace", "1ms"]).unwrap();
+        let c = parse(&[
+            "--worker-threads",
+            "1",
+            "--io-pace",
+            "1ms",
+            "--ingest-threads",
+            "0",
+        ])
+        .unwrap();
         assert_eq!(
             c.runtime,
             RuntimeConfig {
                 worker_threads: Some(1),
-                io_pace: Duration::from_millis(1)
+                io_pace: Duration::from_millis(1),
+                ingest: IngestThreads::Shared,
             }
         );
         assert!(c
             .to_toml()
-            .contains("worker_threads = 1\nio_pace = \"1ms\"\n"));
+            .contains("worker_threads = 1\nio_pace = \"1ms\"\ningest_threads = \"0\"\n"));
         let c = parse(&["--io-pace", "0.5ms"]).unwrap();
         assert_eq!(c.runtime.io_pace, Duration::from_micros(500));
+        for (arg, want, toml) in [
+            ("0", IngestThreads::Shared, "ingest_threads = \"0\"\n"),
+            (
+                "cores",
+                IngestThreads::PerCore,
+                "ingest_threads = \"cores\"\n",
+            ),
+            ("3", IngestThreads::Count(3), "ingest_threads = \"3\"\n"),
+        ] {
+            let c = parse(&["--ingest-threads", arg]).unwrap();
+            assert_eq!(c.runtime.ingest, want, "{arg}");
+            assert!(c.to_toml().contains(toml), "{arg}");
+        }
+        assert_eq!(IngestThreads::Count(3).resolve(), 3);
+        assert_eq!(IngestThreads::Shared.resolve(), 0);
+        assert!(IngestThreads::PerCore.resolve() >= 1);
+        for bad in ["-1", "1025", "two", ""] {
+            let errs = parse(&[&format!("--ingest-threads={bad}")]).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.starts_with("--ingest-threads:")),
+                "{bad}: {errs:?}"
+            );
+        }
         assert!(c.to_toml().contains("io_pace = \"0.5ms\""));
         for us in [0, 1, 10, 100, 300, 999, 1000, 1250, 10_000] {
             let d = Duration::from_micros(us);

@@ -524,6 +524,12 @@ pub struct Metrics {
     pub runtime_workers: IntGauge,
     /// `gateway_runtime_io_pace_microseconds`: the read-coalescing sleep (`--io-pace`), 0 = off.
     pub runtime_io_pace_us: IntGauge,
+    /// `gateway_runtime_ingest_threads`: thread-per-core ingest threads (`--ingest-threads`);
+    /// 0 = connections run on the shared worker pool.
+    pub runtime_ingest_threads: IntGauge,
+    /// `gateway_runtime_ingest_connections{thread}`: connections (handshakes included) placed
+    /// on each ingest thread; children are resolved when the threads start.
+    pub runtime_ingest_connections: IntGaugeVec,
     /// `gateway_inflight_bytes`: bytes charged to `--max-inflight-bytes`.
     pub inflight_bytes: IntGauge,
     /// `gateway_inflight_budget_bytes`: the configured budget.
@@ -890,6 +896,17 @@ impl Metrics {
                 &r,
                 "gateway_runtime_io_pace_microseconds",
                 "Sleep of an idle worker before it waits for I/O (--io-pace); 0 = off.",
+            ),
+            runtime_ingest_threads: gauge(
+                &r,
+                "gateway_runtime_ingest_threads",
+                "Thread-per-core ingest threads serving connections (--ingest-threads); 0 = the shared worker pool.",
+            ),
+            runtime_ingest_connections: gauge_vec(
+                &r,
+                "gateway_runtime_ingest_connections",
+                "Connections (handshakes included) running on each ingest thread.",
+                "thread",
             ),
             inflight_bytes: gauge(
                 &r,

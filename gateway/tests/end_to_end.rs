@@ -71,24 +71,81 @@ async fn play(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_arrive_bit_exact_in_order_with_headers_and_events() {
     let gw = Gateway::start("e2e", &[]);
+    // The default layout (decision 39): one ingest thread per core, no pacing.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(gw.metric("gateway_runtime_workers"), cores as f64);
     assert_eq!(gw.metric("gateway_runtime_io_pace_microseconds"), 0.0);
-    concurrent_streams(gw).await;
+    assert_eq!(gw.metric("gateway_runtime_ingest_threads"), cores as f64);
+    concurrent_streams(&gw).await;
 }
 
-/// The same contract with read coalescing on one paced worker (decision 38): pacing changes
-/// when sockets are read, never what is published.
+/// The same contract with connections on the shared pool, read coalescing on one paced worker
+/// (decisions 38, 39): pacing and layout change when sockets are read, never what is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_arrive_bit_exact_with_one_paced_worker() {
-    let gw = Gateway::start("e2epace", &["--worker-threads", "1", "--io-pace", "1ms"]);
+    let gw = Gateway::start(
+        "e2epace",
+        &[
+            "--ingest-threads",
+            "0",
+            "--worker-threads",
+            "1",
+            "--io-pace",
+            "1ms",
+        ],
+    );
     // The runtime really has one worker and the pacing is on (not only parsed).
     assert_eq!(gw.metric("gateway_runtime_workers"), 1.0);
     assert_eq!(gw.metric("gateway_runtime_io_pace_microseconds"), 1000.0);
-    concurrent_streams(gw).await;
+    assert_eq!(gw.metric("gateway_runtime_ingest_threads"), 0.0);
+    concurrent_streams(&gw).await;
 }
 
-async fn concurrent_streams(gw: Gateway) {
+/// The same contract on two thread-per-core ingest threads with read coalescing (decision 39):
+/// where a connection runs changes nothing that is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_arrive_bit_exact_on_paced_ingest_threads() {
+    let mut gw = Gateway::start("e2eingest", &["--ingest-threads", "2", "--io-pace", "1ms"]);
+    assert_eq!(gw.metric("gateway_runtime_ingest_threads"), 2.0);
+    assert_eq!(gw.metric("gateway_runtime_io_pace_microseconds"), 1000.0);
+    // Two open connections (not yet upgraded) are placed one per thread, least loaded first.
+    let held: Vec<_> = open_tcp_pair(gw.port).await;
+    let per_thread = |gw: &Gateway| {
+        [0, 1].map(|t| {
+            gw.metric(&format!(
+                "gateway_runtime_ingest_connections{{thread=\"{t}\"}}"
+            ))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while per_thread(&gw) != [1.0, 1.0] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "placement: {:?}",
+            per_thread(&gw)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held);
+    concurrent_streams(&gw).await;
+    // The drain stops the ingest threads after their connections ended: a clean exit.
+    gw.sigterm();
+    assert_eq!(gw.wait_exit(Duration::from_secs(40)), Some(0));
+}
+
+async fn open_tcp_pair(port: u16) -> Vec<tokio::net::TcpStream> {
+    let mut v = Vec::new();
+    for _ in 0..2 {
+        v.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    v
+}
+
+async fn concurrent_streams(gw: &Gateway) {
     let audio = speech();
     let n_streams = 24u64;
     let plans: Vec<StreamPlan> = (0..n_streams)
@@ -126,7 +183,7 @@ async fn concurrent_streams(gw: Gateway) {
     let expected_audio = (n_streams * 60 * 2) as usize;
     let expected_events = (n_streams * 4) as usize;
     let brokers = gw.brokers.clone();
-    let tps = topics(&gw);
+    let tps = topics(gw);
     let recs = tokio::task::spawn_blocking(move || {
         consume_until(&brokers, &tps, Duration::from_secs(60), |r| {
             r.iter().filter(|x| x.topic.contains(".audio.")).count() >= expected_audio

@@ -314,7 +314,25 @@ async fn playback_reaches_the_call_in_order_with_marks_and_the_played_audio_is_r
 async fn playback_in_order_with_one_paced_worker() {
     playback_in_order(Gateway::start(
         "playpace",
-        &["--worker-threads", "1", "--io-pace", "1ms"],
+        &[
+            "--ingest-threads",
+            "0",
+            "--worker-threads",
+            "1",
+            "--io-pace",
+            "1ms",
+        ],
+    ))
+    .await;
+}
+
+/// The playback consumer's thread wakes connection tasks on the ingest threads' runtimes
+/// (decision 39): the same order and content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn playback_in_order_on_paced_ingest_threads() {
+    playback_in_order(Gateway::start(
+        "playingest",
+        &["--ingest-threads", "2", "--io-pace", "1ms"],
     ))
     .await;
 }

@@ -4,6 +4,7 @@
 //!
 //! - [`access`]: `--allow-cidr`, `--trusted-proxy`, `--max-handshakes-per-source`.
 //! - [`proxy_protocol`]: PROXY v1/v2 from trusted proxies.
+//! - [`ingest`]: `--ingest-threads`: the thread-per-core runtimes connections may run on.
 //! - [`upgrade`]: the request handler: path, signature, draining and capacity checks *before*
 //!   the WebSocket upgrade; `/twilio/*` goes to [`crate::twilio_http`].
 //!
@@ -12,6 +13,7 @@
 //! errors are logged inside their task and never reach the accept loop.
 
 pub mod access;
+pub mod ingest;
 pub mod proxy_protocol;
 pub mod upgrade;
 
@@ -80,6 +82,8 @@ pub struct ServerContext {
     pub tasks: TaskTracker,
     /// Bidirectional streams: the playback downlink (`None` with `--playback=false`).
     pub playback: Option<crate::playback::Playback>,
+    /// Thread-per-core ingest (`None`: connections run on the shared runtime).
+    pub ingest: Option<ingest::IngestPool>,
     next_conn_id: AtomicU64,
 }
 
@@ -91,9 +95,11 @@ impl ServerContext {
         shutdown: Arc<Shutdown>,
         security: Security,
         playback: Option<crate::playback::Playback>,
+        ingest: Option<ingest::IngestPool>,
     ) -> Arc<Self> {
         Arc::new(ServerContext {
             playback,
+            ingest,
             metrics: sink.metrics().clone(),
             sink,
             permits: Arc::new(Semaphore::new(config.max_streams)),
@@ -187,11 +193,35 @@ pub async fn run(listener: TcpListener, ctx: Arc<ServerContext>) {
         };
         let _ = tcp.set_nodelay(true);
         let guard = ctx.tasks.track();
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
+        let Some(pool) = &ctx.ingest else {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                let _handshake_permit = handshake_permit;
+                handshake(ctx, tcp, peer, trusted, source_permit).await;
+            });
+            continue;
+        };
+        // Thread-per-core: the socket moves to the ingest thread's reactor, where the whole
+        // connection runs.
+        let tcp = match tcp.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot hand the connection to an ingest thread");
+                continue;
+            }
+        };
+        let task_ctx = ctx.clone();
+        pool.spawn(move |placement| async move {
+            let _placement = placement;
             let _guard = guard;
             let _handshake_permit = handshake_permit;
-            handshake(ctx, tcp, peer, trusted, source_permit).await;
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => handshake(task_ctx, tcp, peer, trusted, source_permit).await,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "ingest thread cannot register the connection")
+                }
+            }
         });
     }
     tracing::info!("stopped accepting new streams");

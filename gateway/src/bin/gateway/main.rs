@@ -187,7 +187,10 @@ fn main() -> ExitCode {
     if let Some(n) = cfg.runtime.worker_threads {
         builder.worker_threads(n);
     }
-    if !cfg.runtime.io_pace.is_zero() {
+    // With ingest threads the pace applies to them (app::run starts them), not to the shared
+    // pool that then only accepts, answers the admin port and plays back.
+    let ingest_threads = cfg.runtime.ingest.resolve();
+    if !cfg.runtime.io_pace.is_zero() && ingest_threads == 0 {
         // Read coalescing (decision 38): the sleep happens only when a worker has run out of
         // tasks, so sockets that become readable meanwhile are all served after one wake-up.
         let pace = cfg.runtime.io_pace;
