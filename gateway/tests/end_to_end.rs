@@ -127,7 +127,43 @@ async fn concurrent_streams_arrive_bit_exact_on_paced_ingest_threads() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(held);
+    while per_thread(&gw) != [0.0, 0.0] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            per_thread(&gw)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     concurrent_streams(&gw).await;
+    // Upgraded streams stay counted on their thread after the handshake task has ended: the
+    // stream's own task holds the placement. (After the contract run, whose record counts
+    // these two streams' events would change.)
+    let mut streams = Vec::new();
+    for i in 0..2 {
+        let mut c = connect_path(gw.port, "/stream").await.expect("connect");
+        c.send(&connected()).await;
+        let (s, call) = (sid("MZ", 900 + i), sid("CA", 900 + i));
+        c.send(&start(&s, &call, ACCOUNT, &["inbound"], &[])).await;
+        streams.push((c, s, call));
+    }
+    // Long after the 101 responses (handshake tasks gone), still one stream per thread.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(per_thread(&gw), [1.0, 1.0], "upgraded streams counted");
+    for (mut c, s, call) in streams {
+        c.send(&stop(&s, 2, ACCOUNT, &call)).await;
+        c.close().await;
+        let _ = c.read_close(Duration::from_secs(3)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while per_thread(&gw) != [0.0, 0.0] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            per_thread(&gw)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The drain stops the ingest threads after their connections ended: a clean exit.
     gw.sigterm();
     assert_eq!(gw.wait_exit(Duration::from_secs(40)), Some(0));

@@ -330,11 +330,10 @@ async fn playback_in_order_with_one_paced_worker() {
 /// (decision 39): the same order and content.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn playback_in_order_on_paced_ingest_threads() {
-    playback_in_order(Gateway::start(
-        "playingest",
-        &["--ingest-threads", "2", "--io-pace", "1ms"],
-    ))
-    .await;
+    let gw = Gateway::start("playingest", &["--ingest-threads", "2", "--io-pace", "1ms"]);
+    assert_eq!(gw.metric("gateway_runtime_ingest_threads"), 2.0);
+    assert_eq!(gw.metric("gateway_runtime_io_pace_microseconds"), 1000.0);
+    playback_in_order(gw).await;
 }
 
 async fn playback_in_order(gw: Gateway) {

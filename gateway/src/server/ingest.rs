@@ -42,18 +42,29 @@ pub struct IngestPool {
     threads: Mutex<Vec<(oneshot::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
 
-/// Held by a connection task for its whole life: its thread's live count.
+/// Held by a connection's tasks for its whole life — the handshake task, then the upgraded
+/// stream's task — so its thread's live count drops when the last clone does.
+#[derive(Clone)]
 pub struct Placement {
+    // Held only for its `Drop`.
+    _counted: Arc<Counted>,
+}
+
+struct Counted {
     live: Arc<AtomicUsize>,
     gauge: IntGauge,
 }
 
-impl Drop for Placement {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.live.fetch_sub(1, Ordering::Relaxed);
         self.gauge.dec();
     }
 }
+
+/// How long a stopping thread waits for its runtime's blocking tasks (none are expected:
+/// connection tasks do not block).
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 impl IngestPool {
     /// Starts `threads` (≥ 1) ingest threads, each pacing its I/O waits by `pace` (zero = no
@@ -62,24 +73,39 @@ impl IngestPool {
         let mut lanes = Vec::with_capacity(threads);
         let mut joins = Vec::with_capacity(threads);
         for i in 0..threads {
-            let mut builder = tokio::runtime::Builder::new_current_thread();
-            builder.enable_all();
-            if !pace.is_zero() {
-                // Runs only when the thread has no task left to poll (decision 38).
-                builder.on_thread_park(move || std::thread::sleep(pace));
-            }
-            let runtime = builder.build()?;
-            let handle = runtime.handle().clone();
+            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            // The runtime is built and dropped on its own thread: a runtime may not be dropped
+            // on an async worker, which is where this runs.
             let join = std::thread::Builder::new()
                 .name(format!("ingest-{i}"))
                 .spawn(move || {
-                    // Drives every task placed on this thread until stopped; dropping the
-                    // runtime then drops whatever is left (the drain has awaited them).
+                    let mut builder = tokio::runtime::Builder::new_current_thread();
+                    builder.enable_all();
+                    if !pace.is_zero() {
+                        // Runs only when the thread has no task left to poll (decision 38).
+                        builder.on_thread_park(move || std::thread::sleep(pace));
+                    }
+                    let runtime = match builder.build() {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(runtime.handle().clone()));
+                    // Drives every task placed on this thread until stopped (or the pool is
+                    // gone); what is left then is dropped (the drain has awaited it).
                     runtime.block_on(async {
                         let _ = stop_rx.await;
                     });
+                    runtime.shutdown_timeout(STOP_GRACE);
                 })?;
+            // A thread that failed to build its runtime says so at once; on error the threads
+            // already started stop when their senders in `joins` drop.
+            let handle = ready_rx
+                .recv()
+                .map_err(|_| std::io::Error::other("ingest thread ended during start-up"))??;
             lanes.push(Lane {
                 handle,
                 live: Arc::new(AtomicUsize::new(0)),
@@ -116,7 +142,9 @@ impl IngestPool {
     }
 
     /// Runs the future made by `make` on the thread with the fewest live connections (ties
-    /// rotate). `make` runs on that thread, so it may register sockets with its runtime.
+    /// rotate). `make` runs on that thread, so it may register sockets with its runtime; it
+    /// gets the connection's [`Placement`], which every task of the connection holds a clone
+    /// of until it ends.
     pub fn spawn<F, Fut>(&self, make: F)
     where
         F: FnOnce(Placement) -> Fut + Send + 'static,
@@ -131,8 +159,10 @@ impl IngestPool {
         lane.live.fetch_add(1, Ordering::Relaxed);
         lane.gauge.inc();
         let placement = Placement {
-            live: lane.live.clone(),
-            gauge: lane.gauge.clone(),
+            _counted: Arc::new(Counted {
+                live: lane.live.clone(),
+                gauge: lane.gauge.clone(),
+            }),
         };
         lane.handle.spawn(async move { make(placement).await });
     }
@@ -161,6 +191,35 @@ impl Drop for IngestPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As the handshake task hands the placement to the upgraded stream's task: the count
+    /// lasts until the last clone is gone.
+    #[test]
+    fn a_connection_counts_until_its_last_task_ends() {
+        let metrics = Metrics::new("ingest-clone-test");
+        let pool = IngestPool::start(1, Duration::ZERO, &metrics).unwrap();
+        let (end_tx, end_rx) = oneshot::channel::<()>();
+        let (handed_tx, handed_rx) = std::sync::mpsc::channel();
+        pool.spawn(move |placement| async move {
+            let stream = placement.clone();
+            tokio::spawn(async move {
+                let _stream = stream;
+                let _ = end_rx.await;
+            });
+            drop(placement); // the handshake task ends here
+            handed_tx.send(()).unwrap();
+        });
+        handed_rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(pool.loads(), [1]);
+        drop(end_tx);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pool.loads() != [0] {
+            assert!(std::time::Instant::now() < deadline, "{:?}", pool.loads());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        pool.stop();
+    }
 
     #[test]
     fn places_on_the_least_loaded_thread_and_runs_there() {

@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use self::access::{AccessControl, SourcePermit};
+use self::ingest::Placement;
 use self::proxy_protocol::{Prefixed, ProxyHeader};
 use crate::connection::ConnectionConfig;
 use crate::log_limit::LogLimiter;
@@ -198,7 +199,12 @@ pub async fn run(listener: TcpListener, ctx: Arc<ServerContext>) {
             tokio::spawn(async move {
                 let _guard = guard;
                 let _handshake_permit = handshake_permit;
-                handshake(ctx, tcp, peer, trusted, source_permit).await;
+                let conn = Conn {
+                    peer,
+                    trusted,
+                    placement: None,
+                };
+                handshake(ctx, tcp, conn, source_permit).await;
             });
             continue;
         };
@@ -213,11 +219,17 @@ pub async fn run(listener: TcpListener, ctx: Arc<ServerContext>) {
         };
         let task_ctx = ctx.clone();
         pool.spawn(move |placement| async move {
-            let _placement = placement;
             let _guard = guard;
             let _handshake_permit = handshake_permit;
             match TcpStream::from_std(tcp) {
-                Ok(tcp) => handshake(task_ctx, tcp, peer, trusted, source_permit).await,
+                Ok(tcp) => {
+                    let conn = Conn {
+                        peer,
+                        trusted,
+                        placement: Some(placement),
+                    };
+                    handshake(task_ctx, tcp, conn, source_permit).await
+                }
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "ingest thread cannot register the connection")
                 }
@@ -227,14 +239,27 @@ pub async fn run(listener: TcpListener, ctx: Arc<ServerContext>) {
     tracing::info!("stopped accepting new streams");
 }
 
+/// What the accept loop knows about a connection.
+struct Conn {
+    peer: SocketAddr,
+    /// The peer is a trusted proxy (a PROXY header may follow).
+    trusted: bool,
+    /// Its ingest thread's count (`None` on the shared pool); the upgraded stream keeps it.
+    placement: Option<Placement>,
+}
+
 /// PROXY header (trusted proxies), TLS, then HTTP, all within `--handshake-timeout`.
 async fn handshake(
     ctx: Arc<ServerContext>,
     tcp: TcpStream,
-    peer: SocketAddr,
-    trusted: bool,
+    conn: Conn,
     mut source_permit: Option<SourcePermit>,
 ) {
+    let Conn {
+        peer,
+        trusted,
+        placement,
+    } = conn;
     let deadline = Instant::now() + ctx.config.handshake_timeout;
     let (client, io) = if trusted {
         match tokio::time::timeout_at(deadline, proxy_protocol::read_header(tcp)).await {
@@ -270,11 +295,11 @@ async fn handshake(
     };
     let _source_permit = source_permit;
     let Some(tls) = &ctx.security.tls else {
-        serve_http(io, ctx.clone(), peer, client, deadline).await;
+        serve_http(io, ctx.clone(), peer, client, deadline, placement).await;
         return;
     };
     match tokio::time::timeout_at(deadline, tls.acceptor().accept(io)).await {
-        Ok(Ok(stream)) => serve_http(stream, ctx.clone(), peer, client, deadline).await,
+        Ok(Ok(stream)) => serve_http(stream, ctx.clone(), peer, client, deadline, placement).await,
         Ok(Err(e)) => {
             ctx.refuse(HttpRejection::TlsHandshake, peer);
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -291,6 +316,7 @@ async fn serve_http<I>(
     peer: SocketAddr,
     client: Client,
     deadline: Instant,
+    placement: Option<Placement>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -299,7 +325,7 @@ async fn serve_http<I>(
     let svc_served = served.clone();
     let svc = service_fn(move |req| {
         svc_served.store(true, Ordering::Relaxed);
-        upgrade::handle(svc_ctx.clone(), req, peer, client)
+        upgrade::handle(svc_ctx.clone(), req, peer, client, placement.clone())
     });
     let budget = deadline.saturating_duration_since(Instant::now());
     let conn = http1::Builder::new()

@@ -19,6 +19,7 @@ use super::{Client, ServerContext};
 use crate::connection;
 use crate::http_reply::{text, Body};
 use crate::metrics::HttpRejection;
+use crate::server::ingest::Placement;
 use crate::sink::ConnectionPublisher;
 use crate::twilio_http;
 use crate::watchdog::Watchdog;
@@ -29,6 +30,7 @@ pub async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     client: Client,
+    placement: Option<Placement>,
 ) -> Result<Response<Body>, Infallible> {
     let metrics = &ctx.metrics;
     // Behind a trusted HTTP proxy the allow-list applies to the forwarded client.
@@ -91,8 +93,10 @@ pub async fn handle(
     let conn_id = ctx.next_conn_id();
     let guard = ctx.tasks.track();
     let ctx2 = ctx.clone();
+    // On an ingest thread this stays on it (a current-thread runtime), and so does its count.
     tokio::spawn(async move {
         let _guard = guard;
+        let _placement = placement;
         let _permit = permit; // released when the stream ends, on every path
         let ws = match fut.await {
             Ok(ws) => ws,
