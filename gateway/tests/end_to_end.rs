@@ -110,31 +110,9 @@ async fn concurrent_streams_arrive_bit_exact_on_paced_ingest_threads() {
     assert_eq!(gw.metric("gateway_runtime_io_pace_microseconds"), 1000.0);
     // Two open connections (not yet upgraded) are placed one per thread, least loaded first.
     let held: Vec<_> = open_tcp_pair(gw.port).await;
-    let per_thread = |gw: &Gateway| {
-        [0, 1].map(|t| {
-            gw.metric(&format!(
-                "gateway_runtime_ingest_connections{{thread=\"{t}\"}}"
-            ))
-        })
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while per_thread(&gw) != [1.0, 1.0] {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "placement: {:?}",
-            per_thread(&gw)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_per_thread(&gw, [1.0, 1.0]).await;
     drop(held);
-    while per_thread(&gw) != [0.0, 0.0] {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:?}",
-            per_thread(&gw)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_per_thread(&gw, [0.0, 0.0]).await;
     concurrent_streams(&gw).await;
     // Upgraded streams stay counted on their thread after the handshake task has ended: the
     // stream's own task holds the placement. (After the contract run, whose record counts
@@ -155,18 +133,32 @@ async fn concurrent_streams_arrive_bit_exact_on_paced_ingest_threads() {
         c.close().await;
         let _ = c.read_close(Duration::from_secs(3)).await;
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while per_thread(&gw) != [0.0, 0.0] {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:?}",
-            per_thread(&gw)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_per_thread(&gw, [0.0, 0.0]).await;
     // The drain stops the ingest threads after their connections ended: a clean exit.
     gw.sigterm();
     assert_eq!(gw.wait_exit(Duration::from_secs(40)), Some(0));
+}
+
+/// `gateway_runtime_ingest_connections` of threads 0 and 1.
+fn per_thread(gw: &Gateway) -> [f64; 2] {
+    [0, 1].map(|t| {
+        gw.metric(&format!(
+            "gateway_runtime_ingest_connections{{thread=\"{t}\"}}"
+        ))
+    })
+}
+
+/// Waits up to 10 s for the per-thread counts to read `want`.
+async fn wait_per_thread(gw: &Gateway, want: [f64; 2]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while per_thread(gw) != want {
+        assert!(
+            Instant::now() < deadline,
+            "per-thread connections {:?}, want {want:?}",
+            per_thread(gw)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn open_tcp_pair(port: u16) -> Vec<tokio::net::TcpStream> {

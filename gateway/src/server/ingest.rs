@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 /// One ingest thread, as the accept loop sees it.
 struct Lane {
     handle: Handle,
-    live: Arc<AtomicUsize>,
+    /// `gateway_runtime_ingest_connections{thread}`: also the live count placement reads.
     gauge: IntGauge,
 }
 
@@ -51,13 +51,11 @@ pub struct Placement {
 }
 
 struct Counted {
-    live: Arc<AtomicUsize>,
     gauge: IntGauge,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.live.fetch_sub(1, Ordering::Relaxed);
         self.gauge.dec();
     }
 }
@@ -108,7 +106,6 @@ impl IngestPool {
                 .map_err(|_| std::io::Error::other("ingest thread ended during start-up"))??;
             lanes.push(Lane {
                 handle,
-                live: Arc::new(AtomicUsize::new(0)),
                 gauge: metrics
                     .runtime_ingest_connections
                     .with_label_values(&[&i.to_string()]),
@@ -137,7 +134,7 @@ impl IngestPool {
     pub fn loads(&self) -> Vec<usize> {
         self.lanes
             .iter()
-            .map(|l| l.live.load(Ordering::Relaxed))
+            .map(|l| l.gauge.get().max(0) as usize)
             .collect()
     }
 
@@ -154,13 +151,11 @@ impl IngestPool {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let lane = (0..n)
             .map(|k| &self.lanes[(start + k) % n])
-            .min_by_key(|l| l.live.load(Ordering::Relaxed))
+            .min_by_key(|l| l.gauge.get())
             .expect("a pool has at least one thread");
-        lane.live.fetch_add(1, Ordering::Relaxed);
         lane.gauge.inc();
         let placement = Placement {
             _counted: Arc::new(Counted {
-                live: lane.live.clone(),
                 gauge: lane.gauge.clone(),
             }),
         };
