@@ -86,6 +86,31 @@ def cpu_seconds(pid):
         return 0.0
 
 
+def thread_group(comm):
+    """Groups a thread name: `ingest-1` → `ingest`, `rdk:broker111` → `rdk:broker`."""
+    return re.sub(r"[-:]?\d+$", "", comm) or comm
+
+
+def thread_cpu_seconds(pid):
+    """CPU seconds of each thread group of `pid` (threads that ended meanwhile are not seen)."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1:raw.rindex(")")]
+        parts = raw.rsplit(")", 1)[1].split()
+        key = thread_group(comm)
+        out[key] = out.get(key, 0.0) + (int(parts[11]) + int(parts[12])) / TICK
+    return out
+
+
 def machine_busy_seconds():
     """CPU seconds spent by everything on the machine (all cores), from /proc/stat."""
     with open("/proc/stat") as f:
@@ -167,15 +192,18 @@ def measure(pid, streams, ramp, window, count_fn, load_pid, broker_pid):
     time.sleep(streams / ramp + 3)
     pids = [p for p in (pid, load_pid, broker_pid) if p]
     c0 = {p: cpu_seconds(p) for p in pids}
+    th0 = thread_cpu_seconds(pid)
     b0, m0, t0, l0 = machine_busy_seconds(), count_fn(), time.time(), os.getloadavg()[0]
     time.sleep(window)
     c1 = {p: cpu_seconds(p) for p in pids}
+    th1 = thread_cpu_seconds(pid)
     b1, m1, t1, l1 = machine_busy_seconds(), count_fn(), time.time(), os.getloadavg()[0]
     d = {p: c1[p] - c0[p] for p in pids}
     wall = t1 - t0
     return {
         "cpu_s": d[pid], "messages": m1 - m0, "wall_s": wall, "rss_bytes": rss_bytes(pid), "t0": t0, "t1": t1,
         "loadtest_cpu_s": d.get(load_pid), "broker_cpu_s": d.get(broker_pid),
+        "thread_cpu_s": {k: th1[k] - th0.get(k, 0.0) for k in th1},
         "loadavg_1m": [round(l0, 2), round(l1, 2)],
         "other_cores": max(0.0, (b1 - b0) - sum(d.values())) / wall,
     }
@@ -364,6 +392,10 @@ def result(m, idle_rss, streams, sc):
         "loadtest_cpu_us_per_msg": 1e6 * m["loadtest_cpu_s"] / max(m["messages"], 1) if m["loadtest_cpu_s"] is not None else None,
         "broker_cpu_us_per_msg": 1e6 * m["broker_cpu_s"] / max(m["messages"], 1) if m["broker_cpu_s"] is not None else None,
         "loadtest_cores": m["loadtest_cpu_s"] / m["wall_s"] if m["loadtest_cpu_s"] is not None else None,
+        # Where the server's CPU went, by thread group (µs per message; groups under 0.05 omitted).
+        "thread_us_per_msg": {k: round(1e6 * v / max(m["messages"], 1), 2)
+                              for k, v in sorted(m["thread_cpu_s"].items(), key=lambda kv: -kv[1])
+                              if 1e6 * v / max(m["messages"], 1) >= 0.05},
     }
     if sc is not None:
         r["syscalls"] = sc
@@ -454,6 +486,7 @@ def main():
                           (f"  missing {r['missing']} dup {r['duplicated']} ooo {r['out_of_order']} mismatch {r['pcm_mismatches']} "
                            f"p50 {r['e2e_p50_ms']} p99 {r['e2e_p99_ms']} ms" if name == "gateway" else "") +
                           "".join(f"  WARNING {w}" for w in r["warnings"]), flush=True)
+                    print("      threads (µs/msg): " + ", ".join(f"{k} {v:.2f}" for k, v in r["thread_us_per_msg"].items()), flush=True)
                 add_ratios(row)
                 runs.append(row)
     finally:

@@ -534,6 +534,9 @@ pub struct Metrics {
     pub inflight_bytes: IntGauge,
     /// `gateway_inflight_budget_bytes`: the configured budget.
     pub inflight_budget_bytes: IntGauge,
+    /// `gateway_kafka_drain_iterations_total`: drain thread wake-ups (one per
+    /// `--kafka-drain-interval` while there is work; an idle drain waits for records).
+    pub kafka_drain_iterations: IntCounter,
     /// `gateway_kafka_window_records`: records inside librdkafka, not yet acknowledged.
     pub kafka_window_records: IntGauge,
     /// `gateway_kafka_window_bytes`: their charge.
@@ -917,6 +920,11 @@ impl Metrics {
                 &r,
                 "gateway_inflight_budget_bytes",
                 "The configured in-flight budget (--max-inflight-bytes).",
+            ),
+            kafka_drain_iterations: counter(
+                &r,
+                "gateway_kafka_drain_iterations_total",
+                "Drain thread iterations (wake-ups): one per --kafka-drain-interval while records are queued or in flight; an idle drain waits for the next record.",
             ),
             kafka_window_records: gauge(
                 &r,

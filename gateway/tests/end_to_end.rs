@@ -686,6 +686,44 @@ async fn short_streams(gw: &Gateway, first: u64, n: u64) -> (Vec<String>, Vec<Re
     (sids, recs)
 }
 
+/// An idle drain thread waits for records instead of waking every `--kafka-drain-interval`
+/// (1 ms): its wake-ups are counted, and a quiet second costs a few dozen of them (it still
+/// looks at control requests and librdkafka's events every 50 ms), not a thousand. Records
+/// sent after the quiet spell arrive complete and are all acknowledged, and the drain goes
+/// back to waiting once they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_drain_waits_for_records_instead_of_ticking() {
+    let gw = Gateway::start("idledrain", &[]);
+    let idle_wakeups = |gw: &Gateway| {
+        let before = gw.metric("gateway_kafka_drain_iterations_total");
+        std::thread::sleep(Duration::from_secs(1));
+        gw.metric("gateway_kafka_drain_iterations_total") - before
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quiet = idle_wakeups(&gw);
+    assert!(
+        (5.0..200.0).contains(&quiet),
+        "{quiet} wake-ups in an idle second"
+    );
+    // Two streams × 5 chunks × 2 tracks plus their events, checked by the helper.
+    short_streams(&gw, 1, 2).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (gw.metric("gateway_frames_delivered_total") < 20.0
+        || gw.metric("gateway_kafka_window_records") > 0.0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.metric("gateway_frames_published_total"), 20.0);
+    assert_eq!(gw.metric("gateway_frames_delivered_total"), 20.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = idle_wakeups(&gw);
+    assert!(
+        (5.0..200.0).contains(&after),
+        "{after} wake-ups in an idle second after the streams"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_per_instance_keeps_an_instance_on_its_partitions_and_each_stream_on_one() {
     // Instance 1 of 3, two partitions each, six per topic: partitions 2 and 3 of every topic.

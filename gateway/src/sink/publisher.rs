@@ -103,7 +103,8 @@ impl ConnectionPublisher {
 impl Publisher for ConnectionPublisher {
     fn publish_audio(&mut self, r: &AudioRecord<'_>) -> Result<(), DropReason> {
         let overflow = self.sink.shared.overflow;
-        let entry = self.entry(r.ids).clone();
+        // One reference count increment per record: the clone is the one the record carries.
+        let entry = Arc::clone(self.entry(r.ids));
         let shared = &self.sink.shared;
         let cost = r.payload.len() as u64 + super::record::COMPACT_OVERHEAD;
         if !shared
@@ -127,7 +128,7 @@ impl Publisher for ConnectionPublisher {
             .frames_accepted
             .fetch_add(r.chunks as u64, Ordering::Relaxed);
         let record = SpoolRecord {
-            stream: Some(entry.clone()),
+            stream: Some(entry),
             payload: r.payload.into(),
             seq: r.seq,
             timestamp_ms: r.timestamp_ms,
@@ -147,13 +148,15 @@ impl Publisher for ConnectionPublisher {
                 m.frames_by_track[r.track.index()].inc_by(r.chunks as u64);
                 Ok(())
             }
-            Err(_) => {
+            Err(record) => {
                 // The drain thread is gone (shutdown finished): undo and count.
                 shared.budget.credit(cost);
-                entry.outstanding.fetch_sub(1, Ordering::Relaxed);
-                entry
-                    .frames_accepted
-                    .fetch_sub(r.chunks as u64, Ordering::Relaxed);
+                if let Some(entry) = &record.stream {
+                    entry.outstanding.fetch_sub(1, Ordering::Relaxed);
+                    entry
+                        .frames_accepted
+                        .fetch_sub(r.chunks as u64, Ordering::Relaxed);
+                }
                 Err(DropReason::ProduceError)
             }
         }
