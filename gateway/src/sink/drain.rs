@@ -264,9 +264,10 @@ impl Drain {
             if routed == 0 && self.finish.is_none() && self.idle() {
                 // Nothing to produce, settle or replay: wait for the next record instead of
                 // the clock. A wake-up costs ~15 µs of CPU on the measured VM whether or not
-                // there is work (docs/benchmarks.md, "Idle drain"), so an idle gateway ticking
-                // every millisecond would spend 1.5 % of a core doing nothing. The first record
-                // after a quiet spell is produced at once rather than at the next tick.
+                // there is work (docs/benchmarks.md, "The drain thread at rest and per
+                // record"), so an idle gateway ticking every millisecond would spend 1.5 % of
+                // a core doing nothing. The first record after a quiet spell is produced at
+                // once rather than at the next tick.
                 if let Ok(r) = self.rx.recv_timeout(IDLE_WAIT) {
                     self.held = Some(r);
                 }
