@@ -44,28 +44,6 @@ def metrics_sum(admin, prefix):
     return total
 
 
-def start_gateway(bin_dir, args, broker, prefix):
-    port, admin = e2e.free_port(), e2e.free_port()
-    log = open(os.path.join(e2e.RESULTS, f"ab-{prefix}.log"), "wb")
-    p = subprocess.Popen([os.path.join(bin_dir, "gateway"), "--listen", f"127.0.0.1:{port}",
-                          "--admin-listen", f"127.0.0.1:{admin}", "--brokers", broker,
-                          "--topic-prefix", prefix, "--log-level", "warn", "--max-streams", "20000",
-                          "--insecure-skip-signature"] + args,
-                         stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.time() + 60
-    while True:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2).status == 200:
-                break
-        except Exception:
-            if time.time() > deadline or p.poll() is not None:
-                p.kill()
-                tail = open(log.name, "rb").read()[-2000:].decode(errors="replace")
-                raise RuntimeError(f"gateway {bin_dir} {args} never became ready (exit {p.poll()}):\n{tail}")
-            time.sleep(0.2)
-    return p, port, admin
-
-
 def media(admin):
     return e2e.metric(admin, 'gateway_messages_received_total{event="media"}')
 
@@ -79,7 +57,7 @@ def one_round(a, rnd):
     gws, loads = {}, {}
     try:
         for name, bin_dir, args in sides:
-            gws[name] = start_gateway(bin_dir, args, addr, f"ab{rnd}{name}{int(time.time())}")
+            gws[name] = e2e.start_gateway(bin_dir, args, addr, f"ab{rnd}{name}{int(time.time())}")
         for name, bin_dir, _ in sides:
             _, port, _ = gws[name]
             out = os.path.join(e2e.RESULTS, f"ab-{name}-{rnd}.json")

@@ -269,25 +269,37 @@ def load_report(out, lt=None, m=None):
     }
 
 
-def run_gateway(a, broker, streams, tracks, ramp, duration, tag):
+def start_gateway(bin_dir, args, broker_addr, prefix):
+    """Starts a gateway on free ports and waits for /readyz. Returns (process, port, admin
+    port). Its stderr goes to bench/results/gateway-<prefix>.log, whose tail is in the error
+    when it never becomes ready (it is killed then)."""
     port, admin = free_port(), free_port()
+    log_path = os.path.join(RESULTS, f"gateway-{prefix}.log")
+    with open(log_path, "wb") as log:
+        gw = subprocess.Popen([os.path.join(bin_dir, "gateway"), "--listen", f"127.0.0.1:{port}",
+                               "--admin-listen", f"127.0.0.1:{admin}", "--brokers", broker_addr,
+                               "--topic-prefix", prefix, "--log-level", "warn", "--max-streams", "20000",
+                               "--insecure-skip-signature"] + list(args),
+                              stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.time() + 60
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2).status == 200:
+                return gw, port, admin
+        except Exception:
+            if time.time() > deadline or gw.poll() is not None:
+                gw.kill()
+                gw.wait()
+                tail = open(log_path, "rb").read()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"gateway {bin_dir} {args} never became ready "
+                                   f"(exit {gw.returncode}):\n{tail}")
+            time.sleep(0.1)
+
+
+def run_gateway(a, broker, streams, tracks, ramp, duration, tag):
     prefix = f"bench{int(time.time())}{streams}{tracks}"
-    gw = subprocess.Popen([os.path.join(a.bin_dir, "gateway"), "--listen", f"127.0.0.1:{port}",
-                           "--admin-listen", f"127.0.0.1:{admin}", "--brokers", broker.addr,
-                           "--topic-prefix", prefix, "--log-level", "warn", "--max-streams", "20000",
-                           "--insecure-skip-signature"] + a.gateway_arg,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gw, port, admin = start_gateway(a.bin_dir, a.gateway_arg, broker.addr, prefix)
     try:
-        wait_port(admin)
-        deadline = time.time() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2).status == 200:
-                    break
-            except Exception:
-                if time.time() > deadline:
-                    raise RuntimeError("gateway never became ready")
-                time.sleep(0.1)
         idle_rss = rss_bytes(gw.pid)
         out = os.path.join(RESULTS, f"load-gateway-{streams}-{tracks}-{tag}.json")
         lt = run_load(a.bin_dir, f"ws://127.0.0.1:{port}/stream", streams, tracks, duration, ramp,
