@@ -399,6 +399,9 @@ pub async fn serve<S>(
             .session
             .disconnect(&ending.reason, now(), &mut c.publisher),
     }
+    // Nothing is played into a stream that has ended: Twilio would not play it after `stop`,
+    // and its terminal event (just published) already holds the playback summary.
+    c.publisher.close_playback();
     let ids = c.session.ids().cloned();
     let (sid, call) = ids
         .as_ref()

@@ -8,7 +8,9 @@
 //! counter with the previous tick to know whether the peer was quiet. After `ping_after` of
 //! quiet it writes a WebSocket ping frame (`0x89 0x00`) itself; after `idle_timeout` of quiet
 //! the next read fails with `TimedOut`. Writes of the WebSocket layer drain a half-written ping
-//! first, so frames never interleave.
+//! first, so frames never interleave. A layer above that writes frames of its own between
+//! reads (the playback writer) shares a [`FrameGate`]: while it is in the middle of a frame no
+//! ping is started; the ping waits for the next tick.
 
 use std::future::Future;
 use std::io;
@@ -62,9 +64,29 @@ pub struct WatchdogConfig {
     pub ping_after: Option<Duration>,
 }
 
+/// Set by a writer above the watchdog while the socket holds part of one of its frames, so a
+/// ping written now would land inside that frame. One per connection; relaxed loads and
+/// stores (the two layers run in the same task).
+#[derive(Debug, Clone, Default)]
+pub struct FrameGate(Arc<AtomicBool>);
+
+impl FrameGate {
+    /// Marks the writer as inside (`true`) or between (`false`) frames.
+    pub fn set_mid_frame(&self, mid: bool) {
+        self.0.store(mid, Ordering::Relaxed);
+    }
+
+    /// Whether the writer is inside a frame.
+    pub fn mid_frame(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// The wrapper; see the module docs.
 pub struct Watchdog<S> {
     inner: S,
+    /// Shared with a frame-writing layer above, if there is one.
+    gate: Option<FrameGate>,
     timer: Pin<Box<Sleep>>,
     tick: Duration,
     cfg: WatchdogConfig,
@@ -87,6 +109,7 @@ impl<S> Watchdog<S> {
         let now = Instant::now();
         Watchdog {
             inner,
+            gate: None,
             timer: Box::pin(tokio::time::sleep_until(now + tick)),
             tick,
             cfg,
@@ -97,6 +120,18 @@ impl<S> Watchdog<S> {
             ping_pending: 0,
             force_close,
         }
+    }
+}
+
+impl<S> Watchdog<S> {
+    /// Holds pings back while the layer above is inside one of its frames.
+    pub fn with_frame_gate(mut self, gate: FrameGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    fn writer_mid_frame(&self) -> bool {
+        self.gate.as_ref().is_some_and(FrameGate::mid_frame)
     }
 }
 
@@ -158,7 +193,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watchdog<S> {
                 return Poll::Ready(Err(WatchdogError::Idle.into_io()));
             }
             if let Some(p) = this.cfg.ping_after {
-                if quiet >= p && !this.pinged && this.ping_pending == 0 {
+                // Not while the writer above has half a frame on the wire: the ping would
+                // split it. It goes out at a later tick, once that frame is finished.
+                if quiet >= p && !this.pinged && this.ping_pending == 0 && !this.writer_mid_frame()
+                {
                     this.pinged = true;
                     this.ping_pending = PING_FRAME.len();
                     if let Poll::Ready(Err(e)) = this.poll_ping(cx) {

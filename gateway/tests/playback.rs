@@ -644,6 +644,64 @@ async fn stop_closes_the_socket_and_bad_or_foreign_records_are_counted_not_playe
     }
 }
 
+/// Twilio's `stop` ends the stream: playback that arrives while the gateway waits for Twilio to
+/// close the socket (1 s) is not written into it, only counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_played_after_twilio_stops_the_stream() {
+    let gw = Gateway::start("afterstop", &[]);
+    let audio = speech();
+    let mut c = Call::open(gw.port, 4).await;
+    c.media(&audio, 5).await;
+    let (topic, partition) = tokio::task::spawn_blocking({
+        let (p, s, b) = (gw.prefix.clone(), c.sid.clone(), gw.brokers.clone());
+        move || route_of(&p, &b, &s)
+    })
+    .await
+    .unwrap();
+    let p = producer();
+    // Playback works before the stop.
+    play(&p, &topic, partition, &c.sid, Play::Ulaw(&audio[..320]));
+    c.wait("audio before the stop", Duration::from_secs(10), |d| {
+        media_bytes(d).len() == 320
+    })
+    .await;
+    // Twilio's stop, and no close frame: the socket stays open for the gateway's linger.
+    c.seq += 1;
+    let msg = stop(&c.sid, c.seq, ACCOUNT, &c.call);
+    assert!(c.send(&msg).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    play(&p, &topic, partition, &c.sid, Play::Ulaw(&audio[320..640]));
+    play(&p, &topic, partition, &c.sid, Play::Mark("late"));
+    assert_eq!(c.wait_close(Duration::from_secs(10)).await, Some(1000));
+    let down = c.down();
+    assert_eq!(
+        media_bytes(&down),
+        audio[..320].to_vec(),
+        "nothing after the stop: {:?}",
+        summary(&down)
+    );
+    assert!(
+        !down.iter().any(|d| matches!(d, Down::Mark(_))),
+        "no mark after the stop: {:?}",
+        summary(&down)
+    );
+    // Both late records are counted: dropped for an ended stream, whichever side of the
+    // stream's removal from the routing table they arrived.
+    let t0 = Instant::now();
+    loop {
+        let n = gw.metric("gateway_playback_dropped_total{reason=\"ended\"}")
+            + gw.metric("gateway_playback_dropped_total{reason=\"stream_closed\"}");
+        if n == 2.0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{n} late records counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_that_stops_reading_delays_no_one_and_keeps_its_uplink() {
     let gw = Gateway::start("stuck", &["--playback-buffer", "2s"]);

@@ -309,13 +309,21 @@ impl Downlink {
     }
 }
 
-impl Drop for Downlink {
-    fn drop(&mut self) {
+impl Downlink {
+    /// The stream ended: the writer sends nothing more (it only finishes a half-written
+    /// frame) and the consumer stops routing to it. Idempotent; dropping does it too.
+    pub fn close(&mut self) {
         self.shared
             .closed
             .store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(stream_sid) = self.registered.take() {
             self.playback.send(RegistryOp::Remove { stream_sid });
         }
+    }
+}
+
+impl Drop for Downlink {
+    fn drop(&mut self) {
+        self.close();
     }
 }

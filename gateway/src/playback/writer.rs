@@ -9,8 +9,10 @@
 //! downlink so the consumer's next push wakes it, and then reads as usual. Writes never block
 //! reads: when the socket's send buffer is full the pending bytes wait and the uplink goes on
 //! (a stuck peer costs its own downlink bound, nothing else). fastwebsockets' own writes (close,
-//! pong) pass through `poll_write` only after a half-written downlink frame is finished, so
-//! frames never interleave.
+//! pong) pass through `poll_write` only after a half-written downlink frame is finished, and
+//! the watchdog below starts no keep-alive ping while one is (a shared
+//! [`crate::watchdog::FrameGate`]), so frames never interleave. Once the stream has ended
+//! (Twilio's `stop`, an error, a disconnect) nothing more is sent.
 //!
 //! What it sends, in the order the playback topic gave: `media` in 20 ms frames (160 μ-law
 //! bytes; a record's final partial frame as is), `mark` after exactly the media before it, and
@@ -34,6 +36,7 @@ use super::command::Command;
 use super::downlink::{Bounds, Queued, SentMark, Shared};
 use super::Attached;
 use crate::metrics::{Metrics, PlaybackDrop};
+use crate::watchdog::FrameGate;
 
 /// μ-law bytes per 20 ms frame.
 pub const FRAME_BYTES: usize = 160;
@@ -84,6 +87,10 @@ pub struct PlaybackIo<S> {
     playout_end_us: i64,
     /// Frames recorded so far (the `chunk` and `seq` of recorded playback).
     recorded: u64,
+    /// Tells the watchdog below when part of a frame is on the wire (no ping then).
+    gate: Option<FrameGate>,
+    /// Last value given to `gate`, so it is written only when it changes.
+    gate_mid: bool,
 }
 
 impl<S> PlaybackIo<S> {
@@ -112,6 +119,24 @@ impl<S> PlaybackIo<S> {
             stop: false,
             playout_end_us: i64::MIN,
             recorded: 0,
+            gate: None,
+            gate_mid: false,
+        }
+    }
+
+    /// Shares `gate` with the watchdog under this writer (see [`FrameGate`]).
+    pub fn with_frame_gate(mut self, gate: FrameGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Tells the gate whether bytes of `out` are on the wire while the rest are not.
+    fn set_mid_frame(&mut self, mid: bool) {
+        if mid != self.gate_mid {
+            self.gate_mid = mid;
+            if let Some(g) = &self.gate {
+                g.set_mid_frame(mid);
+            }
         }
     }
 }
@@ -137,9 +162,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
     /// Writes pending frame bytes. Ready(Ok) when none are left.
     fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.out_pos < self.out.len() {
-            let n = std::task::ready!(
-                Pin::new(&mut self.inner).poll_write(cx, &self.out[self.out_pos..])
-            )?;
+            let n = match Pin::new(&mut self.inner).poll_write(cx, &self.out[self.out_pos..]) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // `out` holds whole frames; once any of it is written the socket may end
+                    // inside one, and nothing else may be written until it is finished.
+                    self.set_mid_frame(self.out_pos != 0);
+                    return Poll::Pending;
+                }
+            };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -148,6 +179,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
         }
         self.out.clear();
         self.out_pos = 0;
+        self.set_mid_frame(false);
         if self.need_flush {
             // TLS buffers what it is given; push it out. Pending is fine: retried next poll.
             if let Poll::Ready(r) = Pin::new(&mut self.inner).poll_flush(cx) {
@@ -451,4 +483,62 @@ mod tests {
         assert_eq!(&out[..2], &[0x81, 127]);
         assert_eq!(u64::from_be_bytes(out[2..10].try_into().unwrap()), 70_000);
     }
+
+    /// A peer that stops reading and sending while a playback frame is half written: the
+    /// watchdog's keep-alive ping falls due, but it must follow the frame, not split it.
+    #[tokio::test(start_paused = true)]
+    async fn a_keepalive_ping_never_lands_inside_a_half_written_frame() {
+        use crate::watchdog::{Watchdog, WatchdogConfig};
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        use std::time::Duration;
+        use tokio::io::AsyncReadExt;
+
+        let (ours, mut peer) = tokio::io::duplex(64);
+        let cfg = WatchdogConfig {
+            idle_timeout: Duration::from_secs(60),
+            ping_after: Some(Duration::from_millis(200)),
+        };
+        let gate = FrameGate::default();
+        let dog = Watchdog::new(ours, cfg, Arc::new(AtomicBool::new(false)))
+            .with_frame_gate(gate.clone());
+        let (_tx, rx) = std::sync::mpsc::channel();
+        let bounds = Arc::new(Bounds {
+            per_stream: 1 << 20,
+            total: 1 << 20,
+            queued: AtomicU64::new(0),
+        });
+        let mut io = PlaybackIo::new(
+            dog,
+            rx,
+            Arc::new(Shared::default()),
+            bounds,
+            Arc::new(std::sync::OnceLock::new()),
+            Metrics::new("test"),
+        )
+        .with_frame_gate(gate);
+        // One 1,000-byte text frame waiting to go out: 64 bytes fit before the pipe is full.
+        let mut frame = Vec::new();
+        push_text_frame(&mut frame, &[b'x'; 1000]);
+        io.out.extend_from_slice(&frame);
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let _ = io.read(&mut buf).await;
+        });
+        // Quiet for well past `ping_after` (several watchdog ticks) with the frame stuck.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut got = vec![0u8; frame.len() + PING.len()];
+        tokio::time::timeout(Duration::from_secs(5), peer.read_exact(&mut got))
+            .await
+            .expect("frame and ping arrive once the peer reads")
+            .unwrap();
+        assert!(
+            got[..frame.len()] == frame[..],
+            "the frame arrives whole (a ping starts at byte {:?})",
+            got.windows(2).position(|w| w == PING)
+        );
+        assert_eq!(&got[frame.len()..], &PING, "then the ping");
+        reader.abort();
+    }
+
+    const PING: [u8; 2] = [0x89, 0x00];
 }

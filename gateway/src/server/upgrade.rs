@@ -22,7 +22,7 @@ use crate::metrics::HttpRejection;
 use crate::server::ingest::Placement;
 use crate::sink::ConnectionPublisher;
 use crate::twilio_http;
-use crate::watchdog::Watchdog;
+use crate::watchdog::{FrameGate, Watchdog};
 
 /// Answers one request on the stream listener.
 pub async fn handle(
@@ -116,7 +116,13 @@ pub async fn handle(
         match &ctx2.playback {
             Some(playback) => {
                 let (writer, downlink) = playback.downlink();
-                let ws = WebSocket::after_handshake(writer.wrap(io), Role::Server);
+                // The playback writer writes frames between reads; the watchdog under it must
+                // not put a ping inside one of them.
+                let gate = FrameGate::default();
+                let io = writer
+                    .wrap(io.with_frame_gate(gate.clone()))
+                    .with_frame_gate(gate);
+                let ws = WebSocket::after_handshake(io, Role::Server);
                 let publisher = ConnectionPublisher::with_downlink(ctx2.sink.clone(), downlink);
                 connection::serve(ws, publisher, ctx2.config.connection, conn_id).await;
             }

@@ -69,6 +69,13 @@ impl ConnectionPublisher {
         self.downlink.as_ref()
     }
 
+    /// The stream ended: no more playback is written to it (see [`Downlink::close`]).
+    pub fn close_playback(&mut self) {
+        if let Some(d) = &mut self.downlink {
+            d.close();
+        }
+    }
+
     /// True once the `disconnect` overflow policy asked for this stream to be closed.
     pub fn backpressure_close(&self) -> bool {
         self.backpressure_close
