@@ -358,6 +358,34 @@ fn status_line(out: &[u8]) -> String {
         .to_owned()
 }
 
+/// RFC 6455 §4.2.2: an upgrade in a WebSocket version other than 13 is answered 426 with the
+/// version this server speaks; one without the header is malformed (400). Both are counted.
+#[test]
+fn an_unsupported_websocket_version_gets_426_naming_13() {
+    let gw = Gateway::start("wsver", &[]);
+    let req =
+        upgrade_bytes(gw.port).replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8");
+    let out = raw(gw.port, req.as_bytes(), Duration::from_secs(5));
+    let head = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 426"), "{head}");
+    assert!(head.contains("\r\nsec-websocket-version: 13\r\n"), "{head}");
+    let req = upgrade_bytes(gw.port).replace("Sec-WebSocket-Version: 13\r\n", "");
+    let out = raw(gw.port, req.as_bytes(), Duration::from_secs(5));
+    assert_eq!(status_line(&out), "HTTP/1.1 400 Bad Request");
+    wait_metric(
+        &gw,
+        "gateway_http_rejections_total{reason=\"bad_upgrade\"}",
+        2.0,
+    );
+    // Version 13 still upgrades.
+    let out = raw(
+        gw.port,
+        upgrade_bytes(gw.port).as_bytes(),
+        Duration::from_secs(2),
+    );
+    assert_eq!(status_line(&out), "HTTP/1.1 101 Switching Protocols");
+}
+
 #[test]
 fn allow_list_is_checked_at_accept() {
     let gw = Gateway::start("deny", &["--allow-cidr", "192.0.2.0/24"]);

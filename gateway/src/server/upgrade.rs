@@ -61,6 +61,24 @@ pub async fn handle(
         );
         return Ok(r);
     }
+    // RFC 6455 §4.2.2: a version this server does not speak gets 426 naming the one it does
+    // (fastwebsockets alone would answer 400). A missing header is a malformed request: 400
+    // below.
+    if let Some(v) = req.headers().get(hyper::header::SEC_WEBSOCKET_VERSION) {
+        if v.as_bytes() != b"13" {
+            metrics.http_rejections[HttpRejection::BadUpgrade].inc();
+            tracing::debug!(%peer, version = ?v, "unsupported websocket version");
+            let mut r = text(
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported websocket version (13 only)\n",
+            );
+            r.headers_mut().insert(
+                hyper::header::SEC_WEBSOCKET_VERSION,
+                hyper::header::HeaderValue::from_static("13"),
+            );
+            return Ok(r);
+        }
+    }
     // Twilio signs the configured public wss:// URL; the request's own Host and path only
     // had to match the listener (the path check above).
     if let Some(validator) = &ctx.security.validator {
