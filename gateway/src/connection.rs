@@ -206,10 +206,6 @@ impl Conn {
         let at = now();
         let parsed = parse(buf).map_err(SessionError::from_parse)?;
         self.metrics.messages[message_event(&parsed.message)].inc();
-        if let (Message::Media(m), Some(d)) = (&parsed.message, self.publisher.downlink()) {
-            // Anchors the stream's timeline for placing played audio.
-            d.shared.observe_media(m.timestamp_ms, at.mono_us);
-        }
         if parsed.unknown_fields > 0 {
             self.metrics
                 .unknown_fields
@@ -218,6 +214,13 @@ impl Conn {
         let flow = self
             .session
             .handle(&parsed.message, at, &mut self.publisher);
+        if let (Ok(_), Message::Media(m), Some(d)) =
+            (&flow, &parsed.message, self.publisher.downlink())
+        {
+            // Anchors the stream's timeline for placing played audio (only media the session
+            // accepted: not before `start`, not for another stream).
+            d.shared.observe_media(m.timestamp_ms, at.mono_us);
+        }
         if !self.counted_open && self.session.has_started() {
             self.counted_open = true;
             self.metrics.open_streams.inc();

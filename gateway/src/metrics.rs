@@ -379,6 +379,9 @@ label_enum! {
         BufferFull => "buffer_full",
         /// Queued for a stream that ended before it was written.
         StreamClosed => "stream_closed",
+        /// `media`, `mark` or `clear` for a one-way (`<Start>`) stream: its `start` announced
+        /// an outbound track, and Twilio takes nothing back on such streams.
+        OneWayStream => "one_way_stream",
     }
 }
 

@@ -86,6 +86,11 @@ async fn read_loop(
 
 impl Call {
     async fn open(port: u16, n: u64) -> Call {
+        // A <Connect> stream: Twilio sends the inbound track only.
+        Call::open_with_tracks(port, n, &["inbound"]).await
+    }
+
+    async fn open_with_tracks(port: u16, n: u64, tracks: &[&str]) -> Call {
         let c = connect_path(port, "/stream").await.expect("connect");
         let (rd, wr) = c.ws.split(tokio::io::split);
         let down = Arc::new(Mutex::new(Vec::new()));
@@ -101,8 +106,7 @@ impl Call {
             close,
             reader,
         };
-        // A <Connect> stream: Twilio sends the inbound track only.
-        call.send(&start(&call.sid, &call.call, ACCOUNT, &["inbound"], &[]))
+        call.send(&start(&call.sid, &call.call, ACCOUNT, tracks, &[]))
             .await;
         call
     }
@@ -642,6 +646,54 @@ async fn stop_closes_the_socket_and_bad_or_foreign_records_are_counted_not_playe
         assert!(t0.elapsed() < Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A stream whose `start` announces an outbound track is a one-way `<Start>` stream: Twilio
+/// takes no media, mark or clear on it (31924), so those are counted, never sent; `stop` still
+/// ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_way_stream_gets_no_playback_but_stop_still_ends_it() {
+    let gw = Gateway::start("oneway", &[]);
+    let audio = speech();
+    let mut c = Call::open_with_tracks(gw.port, 5, &["inbound", "outbound"]).await;
+    c.media(&audio, 5).await;
+    let (topic, partition) = tokio::task::spawn_blocking({
+        let (p, s, b) = (gw.prefix.clone(), c.sid.clone(), gw.brokers.clone());
+        move || route_of(&p, &b, &s)
+    })
+    .await
+    .unwrap();
+    let p = producer();
+    play(&p, &topic, partition, &c.sid, Play::Ulaw(&audio[..320]));
+    play(&p, &topic, partition, &c.sid, Play::Mark("m1"));
+    play(&p, &topic, partition, &c.sid, Play::Clear);
+    let series = "gateway_playback_dropped_total{reason=\"one_way_stream\"}";
+    let t0 = Instant::now();
+    while gw.metric(series) < 3.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{}",
+            gw.metric(series)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    play(&p, &topic, partition, &c.sid, Play::Stop);
+    assert_eq!(c.wait_close(Duration::from_secs(10)).await, Some(1000));
+    assert!(c.down().is_empty(), "{:?}", summary(&c.down()));
+    assert_eq!(gw.metric(series), 3.0);
+    let evs = tokio::task::spawn_blocking({
+        let (pfx, b, s) = (gw.prefix.clone(), gw.brokers.clone(), c.sid.clone());
+        move || {
+            events_of(&pfx, &b, &s, |e| {
+                e.iter().any(|x| x["type"] == "disconnect")
+            })
+        }
+    })
+    .await
+    .unwrap();
+    let end = evs.iter().find(|e| e["type"] == "disconnect").unwrap();
+    assert_eq!(end["reason"], "stopped_by_control");
+    assert_eq!(end["playback"]["drops"]["one_way_stream"], 3, "{end}");
 }
 
 /// Twilio's `stop` ends the stream: playback that arrives while the gateway waits for Twilio to

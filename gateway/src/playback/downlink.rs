@@ -180,10 +180,22 @@ impl Default for Shared {
     }
 }
 
+/// How far (µs) a chunk's stamp may run ahead of the stream's timeline and still move it.
+pub const MAX_AHEAD_US: i64 = 5_000_000;
+
 impl Shared {
-    /// An inbound chunk stamped `timestamp_ms` arrived at `received_mono_us`.
+    /// An inbound chunk stamped `timestamp_ms` arrived at `received_mono_us`. The earliest
+    /// arrival relative to its stamp anchors the timeline (network delay only ever adds), but
+    /// a chunk stamped more than [`MAX_AHEAD_US`] ahead of the timeline so far is not
+    /// believed: Twilio's clock runs in real time, and one bogus stamp must not move where
+    /// every later played frame is placed.
     pub fn observe_media(&self, timestamp_ms: u64, received_mono_us: u64) {
-        let offset = received_mono_us as i64 - (timestamp_ms as i64).saturating_mul(1000);
+        let offset = (received_mono_us as i64)
+            .saturating_sub((timestamp_ms.min(i64::MAX as u64 / 1000) as i64) * 1000);
+        let current = self.timeline_offset_us.load(Ordering::Relaxed);
+        if current != i64::MAX && offset < current.saturating_sub(MAX_AHEAD_US) {
+            return;
+        }
         self.timeline_offset_us.fetch_min(offset, Ordering::Relaxed);
     }
 
@@ -208,6 +220,10 @@ pub struct Route {
     pub shared: Arc<Shared>,
     /// The partition advertised in the stream's `start` event.
     pub partition: i32,
+    /// Twilio announced an outbound track, which only one-way (`<Start>`) streams have:
+    /// sending `media`, `mark` or `clear` on them is a protocol error at Twilio (31924), so
+    /// only `stop` is taken.
+    pub one_way: bool,
 }
 
 /// Process-wide bound on queued playback audio.
@@ -229,6 +245,9 @@ impl Route {
         produced_ms: i64,
         bounds: &Bounds,
     ) -> Result<(), PlaybackDrop> {
+        if self.one_way && command != Command::Stop {
+            return Err(PlaybackDrop::OneWayStream);
+        }
         let s = &self.shared;
         let len = match &command {
             Command::Media(b) => b.len() as u64,
@@ -295,12 +314,57 @@ mod tests {
     }
 
     #[test]
+    fn the_timeline_follows_the_least_delayed_chunk_but_not_a_bogus_stamp() {
+        let s = Shared::default();
+        assert_eq!(s.timeline_now_us(5_000_000), 0, "no media yet");
+        s.observe_media(0, 1_000_000); // chunk 0 arrived at 1 s
+        s.observe_media(20, 1_030_000); // 10 ms late: no change
+        assert_eq!(s.timeline_now_us(2_000_000), 1_000_000);
+        s.observe_media(40, 1_035_000); // 5 ms earlier than chunk 0 implied
+        assert_eq!(s.timeline_now_us(2_000_000), 1_005_000);
+        s.observe_media(86_400_000, 1_040_000); // a day ahead: ignored
+        s.observe_media(u64::MAX, 1_040_000);
+        assert_eq!(s.timeline_now_us(2_000_000), 1_005_000);
+    }
+
+    #[test]
+    fn a_one_way_stream_takes_only_stop() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let route = Route {
+            tx,
+            shared: Arc::new(Shared::default()),
+            partition: 0,
+            one_way: true,
+        };
+        let bounds = Bounds {
+            per_stream: 1000,
+            total: 1000,
+            queued: AtomicU64::new(0),
+        };
+        for c in [
+            Command::Media(vec![0xff; 160]),
+            Command::Mark("m".into()),
+            Command::Clear,
+        ] {
+            assert_eq!(route.push(c, 0, &bounds), Err(PlaybackDrop::OneWayStream));
+        }
+        assert_eq!(bounds.queued.load(Ordering::Relaxed), 0);
+        assert_eq!(route.shared.clear_generation.load(Ordering::SeqCst), 0);
+        assert_eq!(route.push(Command::Stop, 0, &bounds), Ok(()));
+        assert_eq!(
+            rx.try_iter().map(|q| q.command).collect::<Vec<_>>(),
+            vec![Command::Stop]
+        );
+    }
+
+    #[test]
     fn bounds_hold_per_stream_and_in_total() {
         let (tx, rx) = std::sync::mpsc::channel();
         let route = Route {
             tx,
             shared: Arc::new(Shared::default()),
             partition: 0,
+            one_way: false,
         };
         let bounds = Bounds {
             per_stream: 300,

@@ -283,6 +283,7 @@ impl Downlink {
                 tx,
                 shared: self.shared.clone(),
                 partition,
+                one_way: twilio_sends_outbound,
             },
         });
         self.registered = Some(ids.stream_sid.clone());
