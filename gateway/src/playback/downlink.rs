@@ -41,12 +41,12 @@ pub struct SentMark {
     pub due_us: i64,
 }
 
-/// Marks sent and not yet echoed; how many of them a clear returned.
+/// Marks sent and not yet echoed, each with whether a clear caught it before it was due.
 #[derive(Debug, Default)]
 pub struct MarkLedger {
-    sent: VecDeque<SentMark>,
-    /// The oldest `cleared` entries of `sent` come back because of a clear (`played: false`).
-    cleared: usize,
+    /// In the order sent; `true` = a clear was written while its audio was still to play, so
+    /// its echo is the clear's (`played: false`).
+    sent: VecDeque<(SentMark, bool)>,
 }
 
 /// How Twilio's echo of a mark is classified.
@@ -64,31 +64,30 @@ impl MarkLedger {
         // Bounded by what a stream can send: the queue bound keeps marks few; cap anyway.
         if self.sent.len() >= 4096 {
             self.sent.pop_front();
-            self.cleared = self.cleared.saturating_sub(1);
         }
-        self.sent.push_back(mark);
+        self.sent.push_back((mark, false));
     }
 
-    /// A clear was written: every mark still pending comes back unplayed.
-    pub fn cleared(&mut self) {
-        self.cleared = self.sent.len();
+    /// A clear was written at `now_us` on the stream's timeline: marks whose audio was still
+    /// to play come back unplayed. A mark already due has played; its echo may simply not
+    /// have arrived yet, and it stays `played`.
+    pub fn cleared(&mut self, now_us: i64) {
+        for (m, cleared) in self.sent.iter_mut() {
+            if m.due_us > now_us {
+                *cleared = true;
+            }
+        }
     }
 
     /// Twilio echoed `name`: classifies it and forgets it (and anything older, which Twilio
     /// echoes in order). `None` when the gateway did not send it.
     pub fn echoed(&mut self, name: &str) -> Option<Echo> {
-        let pos = self.sent.iter().position(|m| m.name == name)?;
+        let pos = self.sent.iter().position(|(m, _)| m.name == name)?;
         let mut echo = None;
         for _ in 0..=pos {
-            let m = self.sent.pop_front()?;
-            let played = if self.cleared > 0 {
-                self.cleared -= 1;
-                false
-            } else {
-                true
-            };
+            let (m, cleared) = self.sent.pop_front()?;
             echo = Some(Echo {
-                played,
+                played: !cleared,
                 due_us: m.due_us,
             });
         }
@@ -305,12 +304,28 @@ mod tests {
             })
         );
         l.sent(m("c", 3));
-        l.cleared(); // b and c pending
+        l.cleared(0); // b and c still to play
         l.sent(m("d", 4));
         assert_eq!(l.echoed("b").map(|e| e.played), Some(false));
         assert_eq!(l.echoed("c").map(|e| e.played), Some(false));
         assert_eq!(l.echoed("d").map(|e| e.played), Some(true));
         assert_eq!(l.echoed("zzz"), None, "not ours");
+    }
+
+    #[test]
+    fn a_mark_already_due_at_a_clear_stays_played() {
+        let mut l = MarkLedger::default();
+        let m = |n: &str, d| SentMark {
+            name: n.into(),
+            due_us: d,
+        };
+        l.sent(m("a", 1_000));
+        l.sent(m("b", 2_000));
+        l.sent(m("c", 3_000));
+        l.cleared(2_000); // a and b have played (echoes in flight), c had not
+        assert_eq!(l.echoed("a").map(|e| e.played), Some(true));
+        assert_eq!(l.echoed("b").map(|e| e.played), Some(true));
+        assert_eq!(l.echoed("c").map(|e| e.played), Some(false));
     }
 
     #[test]

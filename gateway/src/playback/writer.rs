@@ -303,11 +303,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
             .clears_sent
             .fetch_add(1, Ordering::Relaxed);
         self.metrics.playback_clears.inc();
+        let now = self.now_on_timeline();
         if let Ok(mut l) = self.shared.marks.lock() {
-            l.cleared();
+            l.cleared(now);
         }
         // Twilio drops its buffer: playout restarts now.
-        self.playout_end_us = self.now_on_timeline();
+        self.playout_end_us = now;
     }
 
     fn mark(&mut self, attached: &Attached, name: String) {
