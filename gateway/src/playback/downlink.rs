@@ -192,7 +192,10 @@ impl Shared {
         let offset = (received_mono_us as i64)
             .saturating_sub((timestamp_ms.min(i64::MAX as u64 / 1000) as i64) * 1000);
         let current = self.timeline_offset_us.load(Ordering::Relaxed);
-        if current != i64::MAX && offset < current.saturating_sub(MAX_AHEAD_US) {
+        if offset >= current
+            || (current != i64::MAX && offset < current.saturating_sub(MAX_AHEAD_US))
+        {
+            // The common case (no earlier than the anchor): a load, no atomic write.
             return;
         }
         self.timeline_offset_us.fetch_min(offset, Ordering::Relaxed);
@@ -330,6 +333,9 @@ mod tests {
 
     #[test]
     fn the_timeline_follows_the_least_delayed_chunk_but_not_a_bogus_stamp() {
+        let first_bogus = Shared::default();
+        first_bogus.observe_media(u64::MAX, 0); // no overflow, and the next stamp is not moved
+        first_bogus.observe_media(u64::MAX, 1);
         let s = Shared::default();
         assert_eq!(s.timeline_now_us(5_000_000), 0, "no media yet");
         s.observe_media(0, 1_000_000); // chunk 0 arrived at 1 s
