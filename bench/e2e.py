@@ -521,11 +521,14 @@ def main():
         print_syscalls(med if args.runs > 1 else runs, servers, args.syscalls)
 
 
+RATIO_KEYS = {"floor": "ratio", "kafka_floor": "ratio_kafka_floor",
+              "kafka_floor_headers": "ratio_kafka_floor_headers"}
+
+
 def add_ratios(row):
     g = row.get("gateway", {}).get("cpu_us_per_msg")
-    for f in ("floor", "kafka_floor"):
+    for f, key in RATIO_KEYS.items():
         v = row.get(f, {}).get("cpu_us_per_msg")
-        key = "ratio" if f == "floor" else "ratio_kafka_floor"
         row[key] = g / v if g and v else float("nan")
 
 
@@ -570,6 +573,8 @@ def print_table(rows, servers):
         head.append("gateway ÷ framing floor")
     if "gateway" in servers and "kafka_floor" in servers:
         head.append("gateway ÷ Kafka floor")
+    if "gateway" in servers and "kafka_floor_headers" in servers:
+        head.append("gateway ÷ Kafka floor + headers")
     if "gateway" in servers:
         head += ["gateway RSS/stream", "missing", "dup", "out of order", "PCM mismatches", "e2e p50", "e2e p99"]
     head += ["load avg (1 min)", "other cores"]
@@ -584,6 +589,8 @@ def print_table(rows, servers):
             cells.append(fmt(r["ratio"]))
         if "gateway" in servers and "kafka_floor" in servers:
             cells.append(fmt(r["ratio_kafka_floor"]))
+        if "gateway" in servers and "kafka_floor_headers" in servers:
+            cells.append(fmt(r["ratio_kafka_floor_headers"]))
         if "gateway" in servers:
             g = r["gateway"]
             cells += [f"{fmt(g['rss_per_stream_bytes'] / 1024, '.1f')} KiB", str(g["missing"]), str(g["duplicated"]),
