@@ -369,6 +369,7 @@ fn an_unsupported_websocket_version_gets_426_naming_13() {
     let head = String::from_utf8_lossy(&out).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 426"), "{head}");
     assert!(head.contains("\r\nsec-websocket-version: 13\r\n"), "{head}");
+    assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
     let req = upgrade_bytes(gw.port).replace("Sec-WebSocket-Version: 13\r\n", "");
     let out = raw(gw.port, req.as_bytes(), Duration::from_secs(5));
     assert_eq!(status_line(&out), "HTTP/1.1 400 Bad Request");

@@ -163,11 +163,25 @@ pub struct Shared {
     pub counters: Counters,
     /// The stream ended: nothing more is written.
     pub closed: std::sync::atomic::AtomicBool,
+    /// When the connection opened (process monotonic clock, µs): no chunk of the stream can be
+    /// stamped later than the time since then, give or take [`MAX_AHEAD_US`].
+    pub opened_mono_us: u64,
+}
+
+impl Shared {
+    /// State for a connection opened at `opened_mono_us`.
+    pub fn opened_at(opened_mono_us: u64) -> Shared {
+        Shared {
+            opened_mono_us,
+            ..Shared::default()
+        }
+    }
 }
 
 impl Default for Shared {
     fn default() -> Self {
         Shared {
+            opened_mono_us: 0,
             queued_bytes: AtomicU64::new(0),
             clear_generation: AtomicU64::new(0),
             waker: AtomicWaker::new(),
@@ -179,22 +193,26 @@ impl Default for Shared {
     }
 }
 
-/// How far (µs) a chunk's stamp may run ahead of the stream's timeline and still move it.
-pub const MAX_AHEAD_US: i64 = 5_000_000;
+/// How far (µs) a chunk's stamp may run ahead of the time since its connection opened (clock
+/// skew, a burst after a stall) and still be believed.
+pub const MAX_AHEAD_US: u64 = 5_000_000;
 
 impl Shared {
     /// An inbound chunk stamped `timestamp_ms` arrived at `received_mono_us`. The earliest
-    /// arrival relative to its stamp anchors the timeline (network delay only ever adds), but
-    /// a chunk stamped more than [`MAX_AHEAD_US`] ahead of the timeline so far is not
-    /// believed: Twilio's clock runs in real time, and one bogus stamp must not move where
-    /// every later played frame is placed.
+    /// arrival relative to its stamp anchors the timeline (network delay only ever adds), but a
+    /// chunk stamped later than the time since the connection opened (+ [`MAX_AHEAD_US`]) is
+    /// not believed: Twilio's clock runs in real time from the stream's start, which comes
+    /// after the connection's, and one bogus stamp must not move where every later played
+    /// frame is placed.
     pub fn observe_media(&self, timestamp_ms: u64, received_mono_us: u64) {
-        let offset = (received_mono_us as i64)
-            .saturating_sub((timestamp_ms.min(i64::MAX as u64 / 1000) as i64) * 1000);
-        let current = self.timeline_offset_us.load(Ordering::Relaxed);
-        if offset >= current
-            || (current != i64::MAX && offset < current.saturating_sub(MAX_AHEAD_US))
-        {
+        let stamp_us = timestamp_ms.saturating_mul(1000);
+        let since_open = received_mono_us.saturating_sub(self.opened_mono_us);
+        if stamp_us > since_open.saturating_add(MAX_AHEAD_US) {
+            return;
+        }
+        // Both below 2^63 now (the monotonic clock is µs since process start).
+        let offset = received_mono_us as i64 - stamp_us as i64;
+        if offset >= self.timeline_offset_us.load(Ordering::Relaxed) {
             // The common case (no earlier than the anchor): a load, no atomic write.
             return;
         }
@@ -208,7 +226,7 @@ impl Shared {
         if off == i64::MAX {
             0
         } else {
-            now_mono_us as i64 - off
+            (now_mono_us as i64).saturating_sub(off)
         }
     }
 }
@@ -333,9 +351,20 @@ mod tests {
 
     #[test]
     fn the_timeline_follows_the_least_delayed_chunk_but_not_a_bogus_stamp() {
-        let first_bogus = Shared::default();
-        first_bogus.observe_media(u64::MAX, 0); // no overflow, and the next stamp is not moved
-        first_bogus.observe_media(u64::MAX, 1);
+        // Stamps later than the time since the connection opened (+5 s) are not believed, the
+        // first one included; a real chunk after them anchors the timeline.
+        let b = Shared::opened_at(1_000_000);
+        b.observe_media(u64::MAX, 1_100_000);
+        b.observe_media(1_000_000_000_000, 1_100_000);
+        b.observe_media(5_200, 1_100_000); // 5.2 s stamped 0.1 s after open: too far ahead
+        assert_eq!(b.timeline_now_us(2_000_000), 0, "nothing believed yet");
+        b.observe_media(4_000, 1_100_000); // within the allowance
+        assert_eq!(b.timeline_now_us(2_000_000), 4_900_000);
+        // A first chunk that arrived late is corrected by later, less delayed ones.
+        let late = Shared::opened_at(0);
+        late.observe_media(0, 9_000_000); // chunk 0 delayed by a 9 s stall
+        late.observe_media(10_000, 10_020_000); // chunk 500, 20 ms after its stamp
+        assert_eq!(late.timeline_now_us(11_000_000), 10_980_000);
         let s = Shared::default();
         assert_eq!(s.timeline_now_us(5_000_000), 0, "no media yet");
         s.observe_media(0, 1_000_000); // chunk 0 arrived at 1 s

@@ -178,7 +178,7 @@ impl Playback {
     /// A downlink for a new connection: the writer's half and the publisher's half.
     pub fn downlink(&self) -> (writer_half::WriterHalf, Downlink) {
         let (tx, rx) = channel();
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::opened_at(crate::mono_micros()));
         let attached = Arc::new(OnceLock::new());
         (
             writer_half::WriterHalf {

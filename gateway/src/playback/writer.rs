@@ -12,7 +12,8 @@
 //! pong) pass through `poll_write` only after a half-written downlink frame is finished, and
 //! the watchdog below starts no keep-alive ping while one is (a shared
 //! [`crate::watchdog::FrameGate`]), so frames never interleave. Once the stream has ended
-//! (Twilio's `stop`, an error, a disconnect) nothing more is sent.
+//! (Twilio's `stop`, an error, a disconnect) nothing more is taken from the downlink; frames
+//! already batched in `out` (≤ `WRITE_BATCH`, only when the socket was backed up) still go.
 //!
 //! What it sends, in the order the playback topic gave: `media` in 20 ms frames (160 μ-law
 //! bytes; a record's final partial frame as is), `mark` after exactly the media before it, and

@@ -76,6 +76,11 @@ pub async fn handle(
                 hyper::header::SEC_WEBSOCKET_VERSION,
                 hyper::header::HeaderValue::from_static("13"),
             );
+            // A 426 names the protocol to upgrade to (RFC 9110 §15.5.22).
+            r.headers_mut().insert(
+                hyper::header::UPGRADE,
+                hyper::header::HeaderValue::from_static("websocket"),
+            );
             return Ok(r);
         }
     }
