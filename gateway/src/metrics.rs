@@ -345,6 +345,8 @@ label_enum! {
         Refused => "refused",
         /// Audio dropped at admission.
         FrameDropped => "frame_dropped",
+        /// dtmf / mark events dropped at admission.
+        EventDropped => "event_dropped",
         /// Playback records dropped.
         PlaybackDropped => "playback_dropped",
         /// Spool disk errors and corrupt segments.

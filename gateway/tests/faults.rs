@@ -215,3 +215,75 @@ async fn outage_beyond_the_budget_drops_exactly_what_the_metrics_say_and_recover
         "ready again after recovery"
     );
 }
+
+/// dtmf and mark events come as fast as a peer sends them: while Kafka is away they are
+/// admitted against the in-flight budget like audio, so a flood of large marks cannot grow
+/// memory past it; what is refused is counted, and the stream's lifecycle events (its
+/// terminal event) still arrive once the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_marks_during_an_outage_stays_within_the_budget() {
+    let _g = SERIAL.lock().await;
+    let budget = 2u64 << 20;
+    let gw = Gateway::start("markflood", &["--max-inflight-bytes", &budget.to_string()]);
+    let stream = sid("MZ", 9100);
+    let call = sid("CA", 9100);
+    let mut c = connect(&gw).await;
+    c.send(&start(&stream, &call, ACCOUNT, &["inbound"], &[]))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal_broker(libc::SIGSTOP);
+    let name = "m".repeat(8 * 1024);
+    let n = 1_000u64; // 8 MiB of mark names against a 2 MiB budget
+    let mut max_inflight: f64 = 0.0;
+    for i in 0..n {
+        c.send(&mark(&stream, i + 2, &name)).await;
+        if i % 100 == 0 {
+            max_inflight = max_inflight.max(gw.metric("gateway_inflight_bytes"));
+        }
+    }
+    c.send(&dtmf(&stream, n + 2, "5")).await;
+    let t0 = std::time::Instant::now();
+    while gw.metric("gateway_messages_received_total{event=\"dtmf\"}") < 1.0 {
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    max_inflight = max_inflight.max(gw.metric("gateway_inflight_bytes"));
+    let dropped = gw.metric("gateway_events_dropped_total");
+    let published = gw.metric("gateway_events_published_total{type=\"mark\"}")
+        + gw.metric("gateway_events_published_total{type=\"dtmf\"}");
+    signal_broker(libc::SIGCONT);
+    assert!(
+        max_inflight <= budget as f64,
+        "in-flight {max_inflight} > budget {budget}"
+    );
+    assert!(dropped > 0.0, "nothing refused");
+    assert_eq!(
+        published + dropped,
+        (n + 1) as f64,
+        "every event published or dropped"
+    );
+    c.send(&stop(&stream, n + 3, ACCOUNT, &call)).await;
+    let (brokers, tps) = (gw.brokers.clone(), topics(&gw));
+    let want_marks = gw.metric("gateway_events_published_total{type=\"mark\"}") as usize;
+    let sid2 = stream.clone();
+    let recs = tokio::task::spawn_blocking(move || {
+        consume_until(&brokers, &tps[2..], Duration::from_secs(60), |r| {
+            r.iter()
+                .any(|x| x.key.as_deref() == Some(sid2.as_str()) && x.json()["type"] == "stop")
+        })
+    })
+    .await
+    .unwrap();
+    let mine: Vec<_> = recs
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(stream.as_str()))
+        .map(|r| r.json())
+        .collect();
+    assert_eq!(mine.iter().filter(|e| e["type"] == "start").count(), 1);
+    assert_eq!(mine.iter().filter(|e| e["type"] == "stop").count(), 1);
+    assert_eq!(
+        mine.iter().filter(|e| e["type"] == "mark").count(),
+        want_marks,
+        "the marks admitted are the marks delivered"
+    );
+}

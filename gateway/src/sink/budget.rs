@@ -5,9 +5,10 @@
 //! - **queued**: records waiting in the gateway (the ingress channel and the spool's memory
 //!   tier), charged at their compact size ([`crate::sink::record::compact_cost`]). Audio is
 //!   admitted by [`Budget::try_admit`], a compare-and-swap loop, so concurrent connections can
-//!   never push the account past its limit together; events are charged unconditionally
-//!   ([`Budget::charge`]) because losing a `stop` would hide a whole stream's accounting, and
-//!   they are few and small.
+//!   never push the account past its limit together; so are `dtmf` and `mark` events, which a
+//!   peer can send at any rate; lifecycle events (`start`, terminal, capped `sequence_gap`)
+//!   are charged unconditionally ([`Budget::charge`]) because losing a `stop` would hide a
+//!   whole stream's accounting, and they are few per stream.
 //! - **window**: records handed to librdkafka and not yet acknowledged, charged at what
 //!   librdkafka really spends on them ([`crate::sink::record::window_cost`]). Only the drain
 //!   thread moves records into the window, and never past `--kafka-window-bytes`.

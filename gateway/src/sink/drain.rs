@@ -326,13 +326,10 @@ impl Drain {
             }
             match r.kind {
                 Kind::Terminal => self.terminal(r, Ticket::MEMORY),
-                // Events never wait for the window: they are small, few, and must not be lost.
-                Kind::Event => {
-                    if let Err((r, _)) = self.produce(r, Ticket::MEMORY) {
-                        self.enqueue(r);
-                    }
-                }
-                Kind::Audio => {
+                // Events wait for the window like audio (queued in order, never lost): a peer
+                // can send dtmf and marks as fast as it likes, and librdkafka's window must
+                // stay within its bound while the broker is away.
+                Kind::Event | Kind::Audio => {
                     if self.window_fits(&r) {
                         if let Err((r, _)) = self.produce(r, Ticket::MEMORY) {
                             self.enqueue(r);
@@ -368,7 +365,7 @@ impl Drain {
                 self.spool.front(&self.params.topics)
             };
             let Some(r) = next else { return };
-            if r.kind == Kind::Audio && !backlog_fits(&self.shared, &self.params.topics, r) {
+            if r.kind != Kind::Terminal && !backlog_fits(&self.shared, &self.params.topics, r) {
                 return;
             }
             let taken = if from_rescued {

@@ -15,12 +15,13 @@ use super::stream::StreamEntry;
 use super::{OverflowPolicy, Sink, Topics};
 use crate::events::{write_json, Event, EventBody, StreamIds, TerminalInfo};
 use crate::log_limit::LogLimiter;
-use crate::metrics::{AnomalyKind, DropReason, LogSite, ProtocolErrorKind};
+use crate::metrics::{AnomalyKind, DropReason, EventType, LogSite, ProtocolErrorKind};
 use crate::playback::{Downlink, PlaybackRoute};
 use crate::protocol::Track;
 use crate::session::{AudioRecord, Publisher};
 
 static DROP_LOG: LogLimiter = LogLimiter::new(LogSite::FrameDropped, 10, 10_000);
+static EVENT_DROP_LOG: LogLimiter = LogLimiter::new(LogSite::EventDropped, 10, 10_000);
 
 /// A connection's publisher: a sink handle, the stream's entry once `start` arrived, scratch.
 pub struct ConnectionPublisher {
@@ -209,6 +210,31 @@ impl Publisher for ConnectionPublisher {
         }
         write_json(ev, &self.sink.shared.gateway_id, &mut self.event_buf);
         let r = SpoolRecord::event(stream, kind, &self.event_buf, ev.at_us);
+        if matches!(kind, EventType::Dtmf | EventType::Mark) {
+            // As many as the peer sends, each up to a frame's size: admitted against the
+            // budget like audio, so a flood while Kafka is away cannot grow memory past it or
+            // take other streams' room. Lifecycle events (start, the terminal event, gaps,
+            // capped per stream) are never refused.
+            let cost = r.compact_cost();
+            if !self.sink.shared.budget.try_admit(cost, false) {
+                self.sink.shared.metrics.events_dropped.inc();
+                if let Some(suppressed) = EVENT_DROP_LOG.check(&self.sink.shared.metrics) {
+                    tracing::warn!(
+                        stream_sid = ev.ids.map(|i| i.stream_sid.as_str()).unwrap_or(""),
+                        event = kind.as_str(),
+                        suppressed,
+                        "event dropped: in-flight budget full"
+                    );
+                }
+                return;
+            }
+            self.sink.shared.metrics.events_published[kind].inc();
+            if self.sink.send(r).is_err() {
+                self.sink.shared.budget.credit(cost);
+                self.sink.shared.metrics.events_dropped.inc();
+            }
+            return;
+        }
         self.sink.shared.metrics.events_published[kind].inc();
         self.send_event(r);
     }
