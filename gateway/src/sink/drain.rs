@@ -827,6 +827,10 @@ impl Drain {
         old.purge();
         self.settle();
         drop(old);
+        // Dropping it flushes once more, which can serve more of its reports: settle them
+        // now, while their slots still name the records they are about (the sweep below
+        // frees every slot for re-use).
+        self.settle();
         // Anything the old producer never reported on is re-sent too.
         for slot in self.inflight.iter_mut() {
             if let Some(f) = slot.take() {
