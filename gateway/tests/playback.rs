@@ -303,6 +303,37 @@ fn events_of(
     pick(&recs)
 }
 
+/// The playback route `stream`'s `start` event names (read off the blocking runtime).
+async fn route(gw: &Gateway, stream: &str) -> (String, i32) {
+    let (p, b, s) = (gw.prefix.clone(), gw.brokers.clone(), stream.to_owned());
+    tokio::task::spawn_blocking(move || route_of(&p, &b, &s))
+        .await
+        .unwrap()
+}
+
+/// `stream`'s events, read until one of type `until` is among them.
+async fn events_until(gw: &Gateway, stream: &str, until: &'static str) -> Vec<serde_json::Value> {
+    let (p, b, s) = (gw.prefix.clone(), gw.brokers.clone(), stream.to_owned());
+    tokio::task::spawn_blocking(move || {
+        events_of(&p, &b, &s, |e| e.iter().any(|x| x["type"] == until))
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits (at most `within`) until the sum of `series` reaches `want`; returns the sum then.
+async fn metric_reaches(gw: &Gateway, series: &[&str], want: f64, within: Duration) -> f64 {
+    let t0 = Instant::now();
+    loop {
+        let n: f64 = series.iter().map(|s| gw.metric(s)).sum();
+        if n >= want {
+            return n;
+        }
+        assert!(t0.elapsed() < within, "{series:?} = {n}, want {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn pcm_of(ulaw: &[u8]) -> Vec<u8> {
     ulaw_to_pcm(ulaw)
 }
@@ -344,13 +375,7 @@ async fn playback_in_order(gw: Gateway) {
     let audio = speech();
     let mut c = Call::open(gw.port, 1).await;
     c.media(&audio, 10).await;
-    let (topic, partition) = tokio::task::spawn_blocking({
-        let (p, s) = (gw.prefix.clone(), c.sid.clone());
-        let b = gw.brokers.clone();
-        move || route_of(&p, &b, &s)
-    })
-    .await
-    .unwrap();
+    let (topic, partition) = route(&gw, &c.sid).await;
     assert_eq!(topic, format!("{}.playback", gw.prefix));
     // 1 s of PCM (the speech fixture decoded), a mark, 0.5 s of μ-law (an odd length), a mark.
     let ulaw_a = audio[8000..16000].to_vec();
@@ -398,12 +423,7 @@ async fn playback_in_order(gw: Gateway) {
     c.media(&audio, 5).await;
     c.stop().await;
     assert!(c.wait_close(Duration::from_secs(5)).await.is_some());
-    let evs = tokio::task::spawn_blocking({
-        let (pfx, b, s) = (gw.prefix.clone(), gw.brokers.clone(), c.sid.clone());
-        move || events_of(&pfx, &b, &s, |e| e.iter().any(|x| x["type"] == "stop"))
-    })
-    .await
-    .unwrap();
+    let evs = events_until(&gw, &c.sid, "stop").await;
     let marks: Vec<(String, bool, bool)> = evs
         .iter()
         .filter(|e| e["type"] == "mark")
@@ -475,12 +495,7 @@ async fn clear_discards_pending_audio_and_returns_pending_marks_unplayed() {
     let audio = speech();
     let mut c = Call::open(gw.port, 2).await;
     c.media(&audio, 5).await;
-    let (topic, partition) = tokio::task::spawn_blocking({
-        let (p, s, b) = (gw.prefix.clone(), c.sid.clone(), gw.brokers.clone());
-        move || route_of(&p, &b, &s)
-    })
-    .await
-    .unwrap();
+    let (topic, partition) = route(&gw, &c.sid).await;
     let p = producer();
     // m1 after 2 s of audio; Twilio (this client) does not echo it yet: it is "playing".
     play(&p, &topic, partition, &c.sid, Play::Ulaw(&audio[..16000]));
@@ -518,12 +533,7 @@ async fn clear_discards_pending_audio_and_returns_pending_marks_unplayed() {
         "after the clear only the new audio"
     );
     c.stop().await;
-    let evs = tokio::task::spawn_blocking({
-        let (pfx, b, s) = (gw.prefix.clone(), gw.brokers.clone(), c.sid.clone());
-        move || events_of(&pfx, &b, &s, |e| e.iter().any(|x| x["type"] == "stop"))
-    })
-    .await
-    .unwrap();
+    let evs = events_until(&gw, &c.sid, "stop").await;
     let marks: Vec<(String, bool)> = evs
         .iter()
         .filter(|e| e["type"] == "mark")
@@ -545,12 +555,7 @@ async fn stop_closes_the_socket_and_bad_or_foreign_records_are_counted_not_playe
     let audio = speech();
     let mut c = Call::open(gw.port, 3).await;
     c.media(&audio, 5).await;
-    let (topic, partition) = tokio::task::spawn_blocking({
-        let (p, s, b) = (gw.prefix.clone(), c.sid.clone(), gw.brokers.clone());
-        move || route_of(&p, &b, &s)
-    })
-    .await
-    .unwrap();
+    let (topic, partition) = route(&gw, &c.sid).await;
     let p = producer();
     // Not for any stream here, malformed, or on the wrong partition: counted, never played.
     let other = (partition + 1) % 3;
@@ -622,16 +627,7 @@ async fn stop_closes_the_socket_and_bad_or_foreign_records_are_counted_not_playe
     // stop: the gateway closes with 1000; the terminal event says why.
     play(&p, &topic, partition, &c.sid, Play::Stop);
     assert_eq!(c.wait_close(Duration::from_secs(10)).await, Some(1000));
-    let evs = tokio::task::spawn_blocking({
-        let (pfx, b, s) = (gw.prefix.clone(), gw.brokers.clone(), c.sid.clone());
-        move || {
-            events_of(&pfx, &b, &s, |e| {
-                e.iter().any(|x| x["type"] == "disconnect")
-            })
-        }
-    })
-    .await
-    .unwrap();
+    let evs = events_until(&gw, &c.sid, "disconnect").await;
     let end = evs.iter().find(|e| e["type"] == "disconnect").unwrap();
     assert_eq!(end["reason"], "stopped_by_control");
     assert_eq!(end["playback"]["drops"]["wrong_partition"], 1, "{end}");
@@ -641,11 +637,13 @@ async fn stop_closes_the_socket_and_bad_or_foreign_records_are_counted_not_playe
     );
     // Playback for the ended stream is counted as such.
     play(&p, &topic, partition, &c.sid, Play::Ulaw(&audio[..160]));
-    let t0 = Instant::now();
-    while gw.metric("gateway_playback_dropped_total{reason=\"ended\"}") < 1.0 {
-        assert!(t0.elapsed() < Duration::from_secs(10));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    metric_reaches(
+        &gw,
+        &["gateway_playback_dropped_total{reason=\"ended\"}"],
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
 }
 
 /// A stream whose `start` announces an outbound track is a one-way `<Start>` stream: Twilio
@@ -657,40 +655,18 @@ async fn a_one_way_stream_gets_no_playback_but_stop_still_ends_it() {
     let audio = speech();
     let mut c = Call::open_with_tracks(gw.port, 5, &["inbound", "outbound"]).await;
     c.media(&audio, 5).await;
-    let (topic, partition) = tokio::task::spawn_blocking({
-        let (p, s, b) = (gw.prefix.clone(), c.sid.clone(), gw.brokers.clone());
-        move || route_of(&p, &b, &s)
-    })
-    .await
-    .unwrap();
+    let (topic, partition) = route(&gw, &c.sid).await;
     let p = producer();
     play(&p, &topic, partition, &c.sid, Play::Ulaw(&audio[..320]));
     play(&p, &topic, partition, &c.sid, Play::Mark("m1"));
     play(&p, &topic, partition, &c.sid, Play::Clear);
     let series = "gateway_playback_dropped_total{reason=\"one_way_stream\"}";
-    let t0 = Instant::now();
-    while gw.metric(series) < 3.0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "{}",
-            gw.metric(series)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    metric_reaches(&gw, &[series], 3.0, Duration::from_secs(10)).await;
     play(&p, &topic, partition, &c.sid, Play::Stop);
     assert_eq!(c.wait_close(Duration::from_secs(10)).await, Some(1000));
     assert!(c.down().is_empty(), "{:?}", summary(&c.down()));
     assert_eq!(gw.metric(series), 3.0);
-    let evs = tokio::task::spawn_blocking({
-        let (pfx, b, s) = (gw.prefix.clone(), gw.brokers.clone(), c.sid.clone());
-        move || {
-            events_of(&pfx, &b, &s, |e| {
-                e.iter().any(|x| x["type"] == "disconnect")
-            })
-        }
-    })
-    .await
-    .unwrap();
+    let evs = events_until(&gw, &c.sid, "disconnect").await;
     let end = evs.iter().find(|e| e["type"] == "disconnect").unwrap();
     assert_eq!(end["reason"], "stopped_by_control");
     assert_eq!(end["playback"]["drops"]["one_way_stream"], 3, "{end}");
@@ -704,12 +680,7 @@ async fn nothing_is_played_after_twilio_stops_the_stream() {
     let audio = speech();
     let mut c = Call::open(gw.port, 4).await;
     c.media(&audio, 5).await;
-    let (topic, partition) = tokio::task::spawn_blocking({
-        let (p, s, b) = (gw.prefix.clone(), c.sid.clone(), gw.brokers.clone());
-        move || route_of(&p, &b, &s)
-    })
-    .await
-    .unwrap();
+    let (topic, partition) = route(&gw, &c.sid).await;
     let p = producer();
     // Playback works before the stop.
     play(&p, &topic, partition, &c.sid, Play::Ulaw(&audio[..320]));
@@ -739,19 +710,12 @@ async fn nothing_is_played_after_twilio_stops_the_stream() {
     );
     // Both late records are counted: dropped for an ended stream, whichever side of the
     // stream's removal from the routing table they arrived.
-    let t0 = Instant::now();
-    loop {
-        let n = gw.metric("gateway_playback_dropped_total{reason=\"ended\"}")
-            + gw.metric("gateway_playback_dropped_total{reason=\"stream_closed\"}");
-        if n == 2.0 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "{n} late records counted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let late = [
+        "gateway_playback_dropped_total{reason=\"ended\"}",
+        "gateway_playback_dropped_total{reason=\"stream_closed\"}",
+    ];
+    let n = metric_reaches(&gw, &late, 2.0, Duration::from_secs(10)).await;
+    assert_eq!(n, 2.0, "late records counted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -794,18 +758,8 @@ async fn a_socket_that_stops_reading_delays_no_one_and_keeps_its_uplink() {
     };
     let mut healthy = Call::open(gw.port, 41).await;
     healthy.media(&audio, 5).await;
-    let (topic, p_stuck) = tokio::task::spawn_blocking({
-        let (pfx, b, s) = (gw.prefix.clone(), gw.brokers.clone(), stuck_sid.clone());
-        move || route_of(&pfx, &b, &s)
-    })
-    .await
-    .unwrap();
-    let (_, p_healthy) = tokio::task::spawn_blocking({
-        let (pfx, b, s) = (gw.prefix.clone(), gw.brokers.clone(), healthy.sid.clone());
-        move || route_of(&pfx, &b, &s)
-    })
-    .await
-    .unwrap();
+    let (topic, p_stuck) = route(&gw, &stuck_sid).await;
+    let (_, p_healthy) = route(&gw, &healthy.sid).await;
     // Ten minutes of audio for the stuck call: far beyond socket buffers and its 2 s bound.
     let second = vec![0x55u8; 8000];
     for _ in 0..600 {
@@ -822,15 +776,13 @@ async fn a_socket_that_stops_reading_delays_no_one_and_keeps_its_uplink() {
     }
     p.flush(Duration::from_secs(20)).unwrap();
     // The bound holds: most of it is dropped and counted while the stream carries on.
-    let t0 = Instant::now();
-    while gw.metric("gateway_playback_dropped_total{reason=\"buffer_full\"}") < 100.0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "buffer_full drops: {}",
-            gw.metric("gateway_playback_dropped_total{reason=\"buffer_full\"}")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    metric_reaches(
+        &gw,
+        &["gateway_playback_dropped_total{reason=\"buffer_full\"}"],
+        100.0,
+        Duration::from_secs(20),
+    )
+    .await;
     assert!(gw.metric("gateway_playback_queued_bytes") <= (2 * 8000) as f64);
     // The healthy call's playback is prompt meanwhile.
     let t0 = Instant::now();

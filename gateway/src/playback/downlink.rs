@@ -377,20 +377,30 @@ mod tests {
         assert_eq!(s.timeline_now_us(2_000_000), 1_005_000);
     }
 
-    #[test]
-    fn a_one_way_stream_takes_only_stop() {
+    /// A route on partition 0 and bounds of `per_stream` / `total` bytes.
+    fn route_and_bounds(
+        one_way: bool,
+        per_stream: u64,
+        total: u64,
+    ) -> (Route, std::sync::mpsc::Receiver<Queued>, Bounds) {
         let (tx, rx) = std::sync::mpsc::channel();
         let route = Route {
             tx,
             shared: Arc::new(Shared::default()),
             partition: 0,
-            one_way: true,
+            one_way,
         };
         let bounds = Bounds {
-            per_stream: 1000,
-            total: 1000,
+            per_stream,
+            total,
             queued: AtomicU64::new(0),
         };
+        (route, rx, bounds)
+    }
+
+    #[test]
+    fn a_one_way_stream_takes_only_stop() {
+        let (route, rx, bounds) = route_and_bounds(true, 1000, 1000);
         for c in [
             Command::Media(vec![0xff; 160]),
             Command::Mark("m".into()),
@@ -409,18 +419,7 @@ mod tests {
 
     #[test]
     fn bounds_hold_per_stream_and_in_total() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let route = Route {
-            tx,
-            shared: Arc::new(Shared::default()),
-            partition: 0,
-            one_way: false,
-        };
-        let bounds = Bounds {
-            per_stream: 300,
-            total: 250,
-            queued: AtomicU64::new(0),
-        };
+        let (route, rx, bounds) = route_and_bounds(false, 300, 250);
         assert!(route.push(Command::Media(vec![0; 200]), 1, &bounds).is_ok());
         assert_eq!(
             route.push(Command::Media(vec![0; 100]), 2, &bounds),

@@ -90,8 +90,6 @@ pub struct PlaybackIo<S> {
     recorded: u64,
     /// Tells the watchdog below when part of a frame is on the wire (no ping then).
     gate: Option<FrameGate>,
-    /// Last value given to `gate`, so it is written only when it changes.
-    gate_mid: bool,
 }
 
 impl<S> PlaybackIo<S> {
@@ -121,7 +119,6 @@ impl<S> PlaybackIo<S> {
             playout_end_us: i64::MIN,
             recorded: 0,
             gate: None,
-            gate_mid: false,
         }
     }
 
@@ -132,12 +129,10 @@ impl<S> PlaybackIo<S> {
     }
 
     /// Tells the gate whether bytes of `out` are on the wire while the rest are not.
-    fn set_mid_frame(&mut self, mid: bool) {
-        if mid != self.gate_mid {
-            self.gate_mid = mid;
-            if let Some(g) = &self.gate {
-                g.set_mid_frame(mid);
-            }
+    fn set_mid_frame(&self, mid: bool) {
+        // A load per read; the store only when it changes.
+        if let Some(g) = self.gate.as_ref().filter(|g| g.mid_frame() != mid) {
+            g.set_mid_frame(mid);
         }
     }
 }

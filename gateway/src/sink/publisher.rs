@@ -96,15 +96,24 @@ impl ConnectionPublisher {
         })
     }
 
-    /// Sends an event record (never refused for budget reasons).
-    fn send_event(&mut self, r: SpoolRecord) {
+    /// Sends an event record, charged to the budget unconditionally, or with `refusable` only
+    /// if it fits (dropped and counted otherwise). False when it was not handed over.
+    fn send_event(&self, r: SpoolRecord, refusable: bool) -> bool {
         let m = &self.sink.shared.metrics;
+        let budget = &self.sink.shared.budget;
         let cost = r.compact_cost();
-        self.sink.shared.budget.charge(cost);
-        if self.sink.send(r).is_err() {
-            self.sink.shared.budget.credit(cost);
+        if !refusable {
+            budget.charge(cost);
+        } else if !budget.try_admit(cost, false) {
             m.events_dropped.inc();
+            return false;
         }
+        if self.sink.send(r).is_err() {
+            budget.credit(cost);
+            m.events_dropped.inc();
+            return false;
+        }
+        true
     }
 }
 
@@ -205,38 +214,29 @@ impl Publisher for ConnectionPublisher {
             let json = serde_json::to_vec(&info).unwrap_or_default();
             let mut r = SpoolRecord::event(stream, kind, &json, ev.at_us);
             r.kind = Kind::Terminal;
-            self.send_event(r);
+            self.send_event(r, false);
             return;
         }
         write_json(ev, &self.sink.shared.gateway_id, &mut self.event_buf);
         let r = SpoolRecord::event(stream, kind, &self.event_buf, ev.at_us);
-        if matches!(kind, EventType::Dtmf | EventType::Mark) {
-            // As many as the peer sends, each up to a frame's size: admitted against the
-            // budget like audio, so a flood while Kafka is away cannot grow memory past it or
-            // take other streams' room. Lifecycle events (start, the terminal event, gaps,
-            // capped per stream) are never refused.
-            let cost = r.compact_cost();
-            if !self.sink.shared.budget.try_admit(cost, false) {
-                self.sink.shared.metrics.events_dropped.inc();
-                if let Some(suppressed) = EVENT_DROP_LOG.check(&self.sink.shared.metrics) {
-                    tracing::warn!(
-                        stream_sid = ev.ids.map(|i| i.stream_sid.as_str()).unwrap_or(""),
-                        event = kind.as_str(),
-                        suppressed,
-                        "event dropped: in-flight budget full"
-                    );
-                }
-                return;
+        // dtmf and marks come as fast as the peer sends them, each up to a frame's size:
+        // admitted against the budget like audio, so a flood while Kafka is away cannot grow
+        // memory past it or take other streams' room. Lifecycle events (start, the terminal
+        // event, gaps, capped per stream) are never refused.
+        let refusable = matches!(kind, EventType::Dtmf | EventType::Mark);
+        let metrics = &self.sink.shared.metrics;
+        if self.send_event(r, refusable) {
+            metrics.events_published[kind].inc();
+        } else if refusable {
+            if let Some(suppressed) = EVENT_DROP_LOG.check(metrics) {
+                tracing::warn!(
+                    stream_sid = ev.ids.map(|i| i.stream_sid.as_str()).unwrap_or(""),
+                    event = kind.as_str(),
+                    suppressed,
+                    "event dropped: in-flight budget full"
+                );
             }
-            self.sink.shared.metrics.events_published[kind].inc();
-            if self.sink.send(r).is_err() {
-                self.sink.shared.budget.credit(cost);
-                self.sink.shared.metrics.events_dropped.inc();
-            }
-            return;
         }
-        self.sink.shared.metrics.events_published[kind].inc();
-        self.send_event(r);
     }
 
     fn mark_played(&mut self, name: &str) -> Option<bool> {
