@@ -111,10 +111,11 @@ impl StreamEntry {
         }
     }
 
-    /// Sets the chunks dropped for `reason` (restoring a spooled snapshot).
-    pub fn restore_dropped(&self, reason: usize, n: u64) {
+    /// Adds `n` chunks dropped for the reason with index `reason` (restoring a spooled
+    /// snapshot; an unknown index is ignored).
+    pub fn add_dropped(&self, reason: usize, n: u64) {
         if let Some(d) = self.dropped.get(reason) {
-            d.store(n, Ordering::Relaxed);
+            d.fetch_add(n, Ordering::Relaxed);
         }
     }
 

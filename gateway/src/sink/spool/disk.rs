@@ -13,8 +13,15 @@
 //! `never` leaves it to the kernel. New segment files also sync their directory entry.
 //!
 //! Files: `seg-<id, 16 hex digits>.spool`; a corrupt segment is renamed `*.spool.corrupt` once
-//! its readable part is settled; `LOCK` (an `flock`) keeps two processes off one directory.
-//! Anything else in the directory is counted as foreign and left alone.
+//! its readable part is settled; `LOCK` (an `flock`) keeps two processes off one directory;
+//! `seg-<id>.cursor` (16 bytes) says where the next process resumes reading a segment a clean
+//! shutdown left half read (see [`DiskTier::consume_read`]). Anything else in the directory is
+//! counted as foreign and left alone.
+//!
+//! Clean shutdown is exactly-once for the spool's own records: every record already read
+//! from disk is then either settled or rewritten into the shutdown's prefix segment, so the
+//! segments read are deleted and the one being read resumes after its cursor. Only a crash
+//! replays a segment whole.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -124,6 +131,9 @@ struct SegmentState {
     unread_records: u64,
     /// Receive time of its first record (this process's segments), unix µs.
     first_us: u64,
+    /// Records before this offset were handled by an earlier process that shut down cleanly
+    /// (its cursor file); 0: none.
+    skip_to: usize,
 }
 
 /// The active segment.
@@ -145,8 +155,14 @@ struct Reading {
     recovered: bool,
     /// Writer's slot → this configuration's slot (`u8::MAX`: unroutable).
     slot_map: Vec<u8>,
-    /// Streams described in this segment.
+    /// Streams of this segment with an entry (this process's, or recovered ones that have
+    /// records to replay).
     streams: HashMap<u64, Arc<StreamEntry>>,
+    /// Streams described by an earlier process: an entry is made when a record of theirs is
+    /// replayed, so a stream whose records all lie before the cursor is not recovered.
+    described: HashMap<u64, StreamIds>,
+    /// Records before this offset are skipped (the segment's cursor).
+    skip_to: usize,
 }
 
 /// A stream of this process with records on disk: the tier holds its entry while they are.
@@ -162,6 +178,8 @@ struct RecoveredStream {
     terminal: bool,
     /// Its counters were recovered (else the counts are what the spool held).
     counters: bool,
+    /// The latest snapshot applied (field by field, the highest seen).
+    applied: segment::Counters,
 }
 
 /// Records the helper thread syncs (`--spool-fsync <interval>`).
@@ -191,7 +209,10 @@ pub struct DiskTier {
     /// Records of this process on disk and not read yet.
     records: u64,
     own: HashMap<u64, OwnStream>,
-    recovered: HashMap<(u64, u64), RecoveredStream>,
+    /// Streams of earlier processes, by their SIDs: a stream whose records were rewritten by
+    /// a process that shut down while replaying them (its prefix segment) and whose later
+    /// records are still in the first process's segments is one stream, with one terminal.
+    recovered: HashMap<StreamIds, RecoveredStream>,
     /// Recovered segments not read yet (synthesised terminals wait for them).
     recovered_left: usize,
     next_recovered: u64,
@@ -227,11 +248,34 @@ fn segment_name(id: u64) -> String {
 }
 
 pub(super) fn parse_segment_name(name: &str) -> Option<u64> {
-    let hex = name.strip_prefix("seg-")?.strip_suffix(".spool")?;
+    parse_id(name.strip_prefix("seg-")?.strip_suffix(".spool")?)
+}
+
+fn parse_id(hex: &str) -> Option<u64> {
     if hex.len() != 16 {
         return None;
     }
     u64::from_str_radix(hex, 16).ok()
+}
+
+pub(super) fn cursor_name(id: u64) -> String {
+    format!("seg-{id:016x}.cursor")
+}
+
+pub(super) fn parse_cursor_name(name: &str) -> Option<u64> {
+    parse_id(name.strip_prefix("seg-")?.strip_suffix(".cursor")?)
+}
+
+/// Check word of a cursor file (its offset XOR this): a torn or foreign file is not believed.
+const CURSOR_CHECK: u64 = 0x5350_4f4f_4c43_5552;
+
+/// The offset a cursor file holds, if it is well formed.
+pub(super) fn read_cursor(path: &Path) -> Option<u64> {
+    let b = std::fs::read(path).ok()?;
+    let b: [u8; 16] = b.as_slice().try_into().ok()?;
+    let at = u64::from_le_bytes(b[..8].try_into().ok()?);
+    let check = u64::from_le_bytes(b[8..].try_into().ok()?);
+    (check == at ^ CURSOR_CHECK).then_some(at)
 }
 
 fn dir_error(dir: &Path, source: std::io::Error) -> SpoolError {
@@ -272,6 +316,7 @@ impl DiskTier {
         let mut bytes = 0;
         let mut foreign = Vec::new();
         let mut quarantined = 0;
+        let mut cursors = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(|e| dir_error(&dir, e))? {
             let entry = entry.map_err(|e| dir_error(&dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -292,12 +337,29 @@ impl DiskTier {
                         recovered: true,
                         unread_records: 0,
                         first_us: 0,
+                        skip_to: 0,
                     },
                 );
             } else if name.ends_with(".spool.corrupt") {
                 quarantined += 1;
+            } else if let Some(id) = parse_cursor_name(&name) {
+                cursors.push((id, entry.path()));
             } else {
                 foreign.push(name);
+            }
+        }
+        for (id, path) in cursors {
+            match (segments.get_mut(&id), read_cursor(&path)) {
+                (Some(seg), Some(at)) if at >= HEADER_LEN as u64 && at <= seg.bytes => {
+                    seg.skip_to = at as usize;
+                }
+                (seg, _) => {
+                    if seg.is_some() {
+                        // Replaying the whole segment can duplicate, never lose.
+                        tracing::warn!(path = %path.display(), "unreadable spool cursor: its segment is replayed whole");
+                    }
+                    let _ = std::fs::remove_file(&path);
+                }
             }
         }
         if !foreign.is_empty() {
@@ -487,6 +549,7 @@ impl DiskTier {
                 recovered: false,
                 unread_records: 0,
                 first_us: 0,
+                skip_to: 0,
             },
         );
         let file = Arc::new(file);
@@ -773,10 +836,13 @@ impl DiskTier {
                     continue;
                 }
             };
+            let skip_to = self.segments.get(&id).map_or(0, |s| s.skip_to);
             self.reading = Some(Reading {
                 id,
                 buf,
                 at: HEADER_LEN,
+                skip_to,
+                described: HashMap::new(),
                 epoch: header.epoch,
                 recovered,
                 slot_map: Vec::new(),
@@ -794,6 +860,7 @@ impl DiskTier {
     ) -> Option<(SpoolRecord, u64)> {
         let own_epoch = reading.epoch == self.epoch && !reading.recovered;
         loop {
+            let start = reading.at;
             let mut frames = Frames::new(&reading.buf, reading.at);
             let frame = frames.next();
             let next_at = frames.offset();
@@ -832,49 +899,90 @@ impl DiskTier {
                     }
                 }
                 Frame::Stream { number, sids } => {
-                    let entry = if own_epoch {
+                    let own = if own_epoch {
                         self.own.get(&number).map(|o| o.entry.clone())
                     } else {
                         None
                     };
-                    let entry = entry.unwrap_or_else(|| {
-                        let next = &mut self.next_recovered;
-                        self.recovered
-                            .entry((reading.epoch, number))
-                            .or_insert_with(|| {
-                                *next += 1;
-                                RecoveredStream {
-                                    entry: Arc::new(StreamEntry::recovered(
-                                        StreamIds {
-                                            stream_sid: sids[0].to_owned(),
-                                            call_sid: sids[1].to_owned(),
-                                            account_sid: sids[2].to_owned(),
-                                        },
-                                        *next,
-                                        topics.len(),
-                                    )),
-                                    terminal: false,
-                                    counters: false,
-                                }
-                            })
-                            .entry
-                            .clone()
-                    });
-                    reading.streams.insert(number, entry);
-                }
-                Frame::Counters(c) => {
-                    if !own_epoch {
-                        if let Some(r) = self.recovered.get_mut(&(reading.epoch, c.stream)) {
-                            r.counters = true;
-                            restore(&r.entry, &c);
+                    match own {
+                        Some(entry) => {
+                            reading.streams.insert(number, entry);
+                        }
+                        None => {
+                            reading.described.insert(
+                                number,
+                                StreamIds {
+                                    stream_sid: sids[0].to_owned(),
+                                    call_sid: sids[1].to_owned(),
+                                    account_sid: sids[2].to_owned(),
+                                },
+                            );
                         }
                     }
                 }
+                // Before the cursor: handled by the process that wrote the cursor.
+                Frame::Counters(_) | Frame::Record { .. } if start < reading.skip_to => {}
+                Frame::Counters(c) => {
+                    let entry = if own_epoch {
+                        None
+                    } else {
+                        self.recovered_entry(
+                            &mut reading.streams,
+                            &reading.described,
+                            topics.len(),
+                            c.stream,
+                        )
+                    };
+                    if let Some(r) = entry.and_then(|e| self.recovered.get_mut(&e.ids)) {
+                        restore(&r.entry, &mut r.applied, !r.counters, &c);
+                        r.counters = true;
+                    }
+                }
                 Frame::Record { meta, payload } => {
+                    if !own_epoch && meta.stream != segment::NO_STREAM {
+                        self.recovered_entry(
+                            &mut reading.streams,
+                            &reading.described,
+                            topics.len(),
+                            meta.stream,
+                        );
+                    }
                     return Some(self.record(reading, own_epoch, &meta, payload));
                 }
             }
         }
+    }
+
+    /// The entry of stream `number` of an earlier process's segment, made (once per stream
+    /// and epoch) the first time a record or snapshot of it is replayed.
+    fn recovered_entry(
+        &mut self,
+        streams: &mut HashMap<u64, Arc<StreamEntry>>,
+        described: &HashMap<u64, StreamIds>,
+        slots: usize,
+        number: u64,
+    ) -> Option<Arc<StreamEntry>> {
+        if let Some(e) = streams.get(&number) {
+            return Some(e.clone());
+        }
+        let ids = described.get(&number)?;
+        let next = &mut self.next_recovered;
+        let entry = self
+            .recovered
+            .entry(ids.clone())
+            .or_insert_with(|| {
+                *next += 1;
+                RecoveredStream {
+                    entry: Arc::new(StreamEntry::recovered(ids.clone(), *next, slots)),
+                    terminal: false,
+                    counters: false,
+                    applied: segment::Counters::default(),
+                }
+            })
+            .entry
+            .clone();
+        streams.insert(number, entry.clone());
+        Some(entry)
     }
 
     fn record(
@@ -922,7 +1030,7 @@ impl DiskTier {
         } else {
             m.recovered.inc();
             if let Some(s) = &stream {
-                let rs = self.recovered.get_mut(&(reading.epoch, meta.stream));
+                let rs = self.recovered.get_mut(&s.ids);
                 match kind {
                     Kind::Audio => {
                         // The terminal event waits for these like for any audio.
@@ -1014,6 +1122,9 @@ impl DiskTier {
             return;
         };
         self.bytes = self.bytes.saturating_sub(s.bytes);
+        if s.skip_to > 0 {
+            let _ = std::fs::remove_file(self.cfg.dir.join(cursor_name(id)));
+        }
         if s.corrupt {
             let mut aside = s.path.clone().into_os_string();
             aside.push(".corrupt");
@@ -1025,6 +1136,62 @@ impl DiskTier {
             self.disk_error(DiskOp::Delete, &s.path, &e);
         }
         self.publish();
+    }
+
+    /// Synthesised terminal records not handed out yet (shutdown: they go to the prefix).
+    pub fn take_pending(&mut self) -> VecDeque<SpoolRecord> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Clean shutdown, after [`Self::write_prefix`] wrote every record handed out or decoded
+    /// ahead and [`Self::close`] made it durable: nothing read from a segment is needed from it
+    /// any more. Segments read to the end are deleted (whatever is unsettled in them is in the
+    /// prefix now); the one being read gets a cursor file, so the next process resumes after
+    /// the last record read instead of replaying (and duplicating) the segment's start.
+    pub fn consume_read(&mut self) {
+        if let Some(r) = self.reading.take() {
+            let end = Frames::new(&r.buf, r.at).next().is_none();
+            if end {
+                if let Some(s) = self.segments.get_mut(&r.id) {
+                    s.read = true;
+                }
+            } else if r.at > r.skip_to {
+                let path = self.cfg.dir.join(cursor_name(r.id));
+                let at = r.at as u64;
+                let mut b = [0u8; 16];
+                b[..8].copy_from_slice(&at.to_le_bytes());
+                b[8..].copy_from_slice(&(at ^ CURSOR_CHECK).to_le_bytes());
+                let written = File::create(&path).and_then(|mut f| {
+                    f.write_all(&b)?;
+                    if self.cfg.fsync != FsyncPolicy::Never {
+                        f.sync_data()?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = written {
+                    // The segment is replayed whole next time: duplicates, no loss.
+                    self.disk_error(DiskOp::Write, &path, &e);
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let read: Vec<u64> = self
+            .segments
+            .iter()
+            .filter(|(_, s)| s.read)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in read {
+            if let Some(s) = self.segments.get_mut(&id) {
+                s.outstanding = 0;
+            }
+            self.release(id);
+        }
+        if self.cfg.fsync != FsyncPolicy::Never {
+            if let Some(d) = &self.dir_file {
+                self.sync_file(d);
+            }
+        }
     }
 
     /// Drops what the tier holds in memory for records not read yet: used at shutdown after
@@ -1127,15 +1294,48 @@ fn snapshot(s: &StreamEntry) -> segment::Counters {
     }
 }
 
-fn restore(s: &StreamEntry, c: &segment::Counters) {
-    use std::sync::atomic::Ordering::Relaxed;
-    s.frames_received.store(c.received, Relaxed);
-    s.frames_accepted.store(c.accepted, Relaxed);
-    s.frames_delivered.store(c.delivered, Relaxed);
-    s.playback_recorded.store(c.playback[0], Relaxed);
-    s.playback_delivered.store(c.playback[1], Relaxed);
-    s.playback_dropped.store(c.playback[2], Relaxed);
+/// Applies a recovered snapshot of a stream's counters. The earlier process's totals
+/// (received, accepted, played audio recorded) replace what was counted from the spool's
+/// records; its outcomes (delivered, dropped) are added to what this process settled since.
+/// A stream can have several snapshots (a terminal rewritten at shutdown): each field takes
+/// the highest, whatever the order they are read in.
+fn restore(s: &StreamEntry, applied: &mut segment::Counters, first: bool, c: &segment::Counters) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let replace = |a: &AtomicU64, prev: &mut u64, new: u64| {
+        if first || new > *prev {
+            a.store(new, Relaxed);
+            *prev = new;
+        }
+    };
+    let add = |a: &AtomicU64, prev: &mut u64, new: u64| {
+        if new > *prev {
+            a.fetch_add(new - *prev, Relaxed);
+            *prev = new;
+        }
+    };
+    replace(&s.frames_received, &mut applied.received, c.received);
+    replace(&s.frames_accepted, &mut applied.accepted, c.accepted);
+    replace(
+        &s.playback_recorded,
+        &mut applied.playback[0],
+        c.playback[0],
+    );
+    add(&s.frames_delivered, &mut applied.delivered, c.delivered);
+    add(
+        &s.playback_delivered,
+        &mut applied.playback[1],
+        c.playback[1],
+    );
+    add(&s.playback_dropped, &mut applied.playback[2], c.playback[2]);
     for (reason, n) in &c.drops {
-        s.restore_dropped(*reason as usize, *n);
+        let i = applied.drops.iter().position(|(r, _)| r == reason);
+        let prev = i.map_or(0, |i| applied.drops[i].1);
+        if *n > prev {
+            s.add_dropped(*reason as usize, n - prev);
+            match i {
+                Some(i) => applied.drops[i].1 = *n,
+                None => applied.drops.push((*reason, *n)),
+            }
+        }
     }
 }

@@ -4,8 +4,8 @@
 //! For operators (what would a restart replay?) and for the crash tests, which list what
 //! reached the disk before a `kill -9` and then check that all of it reaches Kafka. Reads
 //! every `seg-*.spool` file in id order (the order a restart replays them) with the same
-//! decoder the gateway uses; a damaged segment is reported with the reason and the records
-//! before the damage. Takes no lock: run it on a stopped gateway's directory, or accept that
+//! decoder the gateway uses, from its cursor if a clean shutdown left one; a damaged segment
+//! is reported with the reason and the records before the damage. Takes no lock: run it on a stopped gateway's directory, or accept that
 //! a live gateway may be appending or deleting while it reads.
 
 use std::collections::HashMap;
@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::disk::parse_segment_name;
+use super::disk::{cursor_name, parse_cursor_name, parse_segment_name, read_cursor};
 use super::segment::{self, Frame, Frames};
 use crate::metrics::EventType;
 use crate::protocol::message::Track;
@@ -32,6 +32,8 @@ pub struct SegmentReport {
     pub records: u64,
     /// Why decoding stopped early, if it did.
     pub corrupt: Option<String>,
+    /// A clean shutdown's cursor: records before this offset are not replayed (not listed).
+    pub resume_at: Option<u64>,
 }
 
 /// One spooled record.
@@ -79,7 +81,7 @@ pub fn inspect(dir: &Path) -> std::io::Result<Inspection> {
         let name = e.file_name().to_string_lossy().into_owned();
         match parse_segment_name(&name) {
             Some(id) => ids.push((id, name)),
-            None if name == "LOCK" => {}
+            None if name == "LOCK" || parse_cursor_name(&name).is_some() => {}
             None => out.other_files.push(name),
         }
     }
@@ -98,6 +100,7 @@ pub fn inspect(dir: &Path) -> std::io::Result<Inspection> {
             bytes: bytes.len() as u64,
             records: 0,
             corrupt: None,
+            resume_at: read_cursor(&dir.join(cursor_name(id))),
         };
         if let Err(c) = segment::decode_header(&bytes) {
             rep.corrupt = Some(c.label().to_owned());
@@ -106,8 +109,13 @@ pub fn inspect(dir: &Path) -> std::io::Result<Inspection> {
         }
         let mut topics: HashMap<u8, String> = HashMap::new();
         let mut sids: HashMap<u64, String> = HashMap::new();
-        for f in Frames::new(&bytes, segment::HEADER_LEN) {
+        let skip_to = rep.resume_at.unwrap_or(0) as usize;
+        let mut frames = Frames::new(&bytes, segment::HEADER_LEN);
+        loop {
+            let start = frames.offset();
+            let Some(f) = frames.next() else { break };
             match f {
+                Ok(Frame::Record { .. }) if start < skip_to => {}
                 Err(c) => {
                     rep.corrupt = Some(c.label().to_owned());
                     break;

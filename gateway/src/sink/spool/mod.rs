@@ -232,8 +232,11 @@ impl Spool {
     /// Shutdown: writes what is still queued to disk for the next process. `front` holds the
     /// records older than the whole spool (librdkafka's unacknowledged window in produce
     /// order, then the drain's rescued records) and `parked` the terminal records waiting for
-    /// them: they go to a segment read before all others. Records still in disk segments stay there. Returns the records that could
-    /// not be written (no disk tier, or it is full), for the caller to count.
+    /// them: they go to a segment read before all others, with the records decoded from disk
+    /// ahead of need. When that prefix is written whole, the segments already read are
+    /// consumed ([`disk::DiskTier::consume_read`]): a clean restart neither loses nor repeats a
+    /// record. Returns the records that could not be written (no disk tier, or it is full),
+    /// for the caller to count.
     pub fn persist(
         &mut self,
         front: Vec<SpoolRecord>,
@@ -247,21 +250,32 @@ impl Spool {
             self.memory_bytes = 0;
             return left;
         };
-        // The head of the spool: records decoded from disk are still in their segments;
-        // records put back from memory belong with the front.
+        // The head of the spool, oldest first. Records decoded from disk go to the prefix
+        // too: the segments they came from are consumed below once the prefix is complete.
         let mut head: VecDeque<SpoolRecord> = front.into();
+        // Which of `head` are still in their segment if the prefix cannot take them: those
+        // are not lost (nothing is consumed then).
+        let mut in_segment = vec![false; head.len()];
         for (r, t) in self.staged.drain(..) {
-            if t.is_disk() {
-                self.budget.credit(r.compact_cost());
-            } else {
-                head.push_back(r);
-            }
+            in_segment.push(t.is_disk());
+            head.push_back(r);
         }
+        // Synthesised terminals: if the prefix cannot take them they are counted, not lost.
+        for r in d.take_pending() {
+            in_segment.push(false);
+            head.push_back(r);
+        }
+        in_segment.extend(parked.iter().map(|_| false));
         head.extend(parked);
         let written = d.write_prefix(&head);
-        let mut left: Vec<SpoolRecord> = head.drain(written..).collect();
-        for r in head.drain(..) {
-            self.budget.credit(r.compact_cost());
+        let complete = written == head.len();
+        let mut left = Vec::new();
+        for (i, r) in head.drain(..).enumerate() {
+            if i < written || in_segment[i] {
+                self.budget.credit(r.compact_cost());
+            } else {
+                left.push(r);
+            }
         }
         let n = self.memory.len();
         let written = d.spill(&self.memory, n);
@@ -272,6 +286,9 @@ impl Spool {
         left.extend(self.memory.drain(..));
         self.memory_bytes = 0;
         d.close();
+        if complete {
+            d.consume_read();
+        }
         d.publish();
         left
     }

@@ -6,9 +6,10 @@
 //! The model knows, for every record ever pushed, whether it *must* come out again (not yet
 //! settled, and either still in this process or guaranteed on disk), *may* (settled records
 //! whose segment may not be deleted yet, records spilled by a non-forced maintain before a
-//! crash), or *must not* (never pushed). After every read it checks: nothing unknown comes
-//! out, nothing twice within one process lifetime (except copies a clean shutdown wrote), per-stream order holds, and at the end
-//! everything that must come out came out.
+//! crash), or *must not* (never pushed, or settled before a clean shutdown: a clean restart
+//! repeats nothing). After every read it checks: nothing unknown or gone comes out, nothing
+//! twice within one process lifetime, per-stream order holds, and at the end everything that
+//! must come out came out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -66,6 +67,8 @@ enum Fate {
     Must,
     /// Settled, or possibly lost in a crash: may come out again, need not.
     May,
+    /// Settled in a lifetime that ended cleanly: must never come out again.
+    Gone,
 }
 
 struct Harness {
@@ -85,9 +88,8 @@ struct Harness {
     seen: HashSet<Id>,
     /// Ids handed out in any lifetime.
     ever_seen: HashSet<Id>,
-    /// Extra copies of a record a clean shutdown wrote (unsettled disk hand-outs persisted
-    /// while still in their segments): it may come out that many more times per lifetime.
-    extra: HashMap<Id, u32>,
+    /// Ids settled in this lifetime (gone for good if it ends cleanly).
+    settled: HashSet<Id>,
     /// Hand-outs per id in this lifetime.
     count: HashMap<Id, u32>,
     /// Last seq first handed out per stream SID.
@@ -124,7 +126,7 @@ impl Harness {
             out: VecDeque::new(),
             seen: HashSet::new(),
             ever_seen: HashSet::new(),
-            extra: HashMap::new(),
+            settled: HashSet::new(),
             count: HashMap::new(),
             last_fresh: HashMap::new(),
             unforced: Vec::new(),
@@ -165,6 +167,7 @@ impl Harness {
             })
             .collect();
         self.seen.clear();
+        self.settled.clear();
         self.count.clear();
         self.out.clear();
         self.unforced.clear();
@@ -203,10 +206,10 @@ impl Harness {
     /// Checks a record handed out; returns its id (None for a synthesized terminal).
     /// `register`: it is really taken (not put straight back).
     ///
-    /// Duplicates: a record handed out before (in any lifetime) may come out again after a
-    /// restart (at-least-once; consumers drop it by stream_sid + track + seq). Within one
-    /// lifetime only the unsettled disk hand-outs a clean shutdown persisted may. Order is
-    /// checked on first hand-outs: per stream, seq increases.
+    /// Duplicates: a record handed out before may come out again after a crash
+    /// (at-least-once; consumers drop it by stream_sid + track + seq), never twice within one
+    /// lifetime, and never once settled before a clean shutdown. Order is checked on first
+    /// hand-outs: per stream, seq increases.
     fn check_out(&mut self, r: &SpoolRecord, register: bool) -> Option<Id> {
         if r.kind == Kind::Terminal {
             // Synthesized `disconnect` for a recovered stream: carries no id.
@@ -219,24 +222,24 @@ impl Harness {
             r.payload.len()
         );
         let id = Id::from_le_bytes(r.payload[..8].try_into().unwrap());
-        let (_, seq, _) = *self
+        let (_, seq, fate) = *self
             .known
             .get(&id)
             .unwrap_or_else(|| panic!("record {id} was never pushed"));
         assert_eq!(r.seq, seq, "record {id}: metadata");
+        assert_ne!(
+            fate,
+            Fate::Gone,
+            "record {id} settled before a clean shutdown came out again"
+        );
         assert!(
             r.payload.iter().skip(8).all(|b| *b == (id % 251) as u8),
             "record {id}: payload damaged"
         );
         let sid = r.stream.as_ref().expect("stream").ids.stream_sid.clone();
         let n = self.count.get(&id).copied().unwrap_or(0);
-        if n > 0 {
-            assert!(
-                n <= self.extra.get(&id).copied().unwrap_or(0),
-                "record {id} handed out {} times in one lifetime",
-                n + 1
-            );
-        } else if !self.ever_seen.contains(&id) {
+        assert_eq!(n, 0, "record {id} handed out twice in one lifetime");
+        if !self.ever_seen.contains(&id) {
             if let Some(last) = self.last_fresh.get(&sid) {
                 assert!(seq > *last, "stream {sid}: seq {seq} after {last}");
             }
@@ -282,6 +285,7 @@ impl Harness {
         self.spool().ack(t);
         // Settled: may come back after a crash (its segment may still exist), need not.
         self.known.get_mut(&id).unwrap().2 = Fate::May;
+        self.settled.insert(id);
     }
 
     fn maintain(&mut self, force: bool) {
@@ -295,12 +299,10 @@ impl Harness {
     }
 
     fn restart(&mut self) {
-        // Clean shutdown: the unsettled hand-outs are older than the whole spool.
-        // Those read from disk are also still in their segments: they may come out twice.
-        for (id, t, _) in &self.out {
-            if t.is_disk() {
-                *self.extra.entry(*id).or_default() += 1;
-            }
+        // Clean shutdown: the unsettled hand-outs are older than the whole spool and come
+        // out once more; what this lifetime settled never again.
+        for id in &self.settled {
+            self.known.get_mut(id).unwrap().2 = Fate::Gone;
         }
         let front: Vec<SpoolRecord> = self.out.drain(..).map(|(_, _, r)| r).collect();
         let mut spool = self.spool.take().unwrap();
@@ -439,4 +441,98 @@ proptest! {
         }
         h.finish();
     }
+}
+
+/// A clean shutdown in the middle of replaying a segment, then a restart: the next process
+/// resumes after the last record read (nothing repeated, nothing lost), the stream gets one
+/// terminal record, and its snapshot's outcomes are added to what the new process settled
+/// before reading the snapshot (not overwritten by it).
+#[test]
+fn a_clean_restart_mid_segment_resumes_at_the_cursor_and_adds_to_the_snapshot() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const N: u64 = 900;
+    const READ_FIRST: u64 = 300;
+    let mut h = Harness::new(u64::MAX);
+    // One stream: N audio records, then its terminal record with a snapshot of its counters
+    // (the earlier process delivered 7 chunks before the outage and dropped 2).
+    let s = h.streams[0].clone();
+    s.frames_received.store(N + 9, Relaxed);
+    s.frames_accepted.store(N + 7, Relaxed);
+    s.frames_delivered.store(7, Relaxed);
+    s.drop_frames(crate::metrics::DropReason::ALL[0], 2);
+    for _ in 0..N {
+        h.push(0, false, 40);
+    }
+    let info = crate::events::TerminalInfo {
+        kind: crate::events::EndKind::Stop,
+        reason: "twilio_stop".into(),
+        error_kind: None,
+        close_code: None,
+        at_us: 1,
+        playback: None,
+    };
+    let json = serde_json::to_vec(&info).unwrap();
+    let mut t = SpoolRecord::event(Some(s.clone()), crate::metrics::EventType::Stop, &json, 1);
+    t.kind = Kind::Terminal;
+    h.budget.charge(t.compact_cost());
+    h.spool().push(t);
+    h.maintain(true);
+    // Restart once so the segments are an earlier process's (recovered streams), then read
+    // the first records and settle them.
+    h.restart();
+    let topics = Topics::new("model", AudioEncoding::PcmS16le);
+    let mut first = Vec::new();
+    for _ in 0..READ_FIRST {
+        let (r, t) = h.spool().pop(&topics).expect("record");
+        assert_eq!(r.kind, Kind::Audio);
+        first.push(r.seq);
+        h.spool().ack(t);
+    }
+    assert_eq!(first, (0..READ_FIRST).collect::<Vec<_>>());
+    // Clean shutdown with nothing unsettled: the rest of the segment must come out once.
+    let spool = h.spool.take().unwrap();
+    let mut spool = spool;
+    assert!(spool.persist(Vec::new(), Vec::new()).is_empty());
+    drop(spool);
+    h.open();
+    let mut seqs = Vec::new();
+    let mut terminals = Vec::new();
+    while let Some((r, t)) = h.spool().pop(&topics) {
+        match r.kind {
+            Kind::Audio => {
+                seqs.push(r.seq);
+                // What the drain does when Kafka acknowledges a chunk.
+                let e = r.stream.as_ref().unwrap();
+                e.frames_delivered.fetch_add(1, Relaxed);
+            }
+            Kind::Terminal => terminals.push(r),
+            Kind::Event => panic!("no events were pushed"),
+        }
+        h.spool().ack(t);
+    }
+    assert_eq!(
+        seqs,
+        (READ_FIRST..N).collect::<Vec<_>>(),
+        "resumed at the cursor"
+    );
+    assert_eq!(terminals.len(), 1, "one terminal record");
+    let e = terminals[0].stream.as_ref().unwrap();
+    assert!(e.recovered);
+    assert_eq!(e.frames_received.load(Relaxed), N + 9, "snapshot's total");
+    assert_eq!(e.frames_accepted.load(Relaxed), N + 7, "snapshot's total");
+    assert_eq!(
+        e.frames_delivered.load(Relaxed),
+        7 + (N - READ_FIRST),
+        "snapshot's deliveries plus this process's"
+    );
+    assert_eq!(e.dropped_total(), 2);
+    assert!(h.spool().is_empty());
+    let left: Vec<_> = std::fs::read_dir(&h.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "LOCK")
+        .collect();
+    assert!(left.is_empty(), "segments and cursor deleted: {left:?}");
+    drop(h.spool.take());
+    let _ = std::fs::remove_dir_all(&h.dir);
 }
