@@ -953,3 +953,93 @@ async fn three_instances_each_play_only_their_own_streams_and_a_restart_plays_no
         );
     }
 }
+
+/// A call that hangs up with playback still queued (its socket backed up): the `stop`
+/// event's playback summary counts every record still queued or half written as
+/// `stream_closed`, the same number the metric counts, and the records it accepted are
+/// exactly those written in full plus those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_summary_counts_playback_still_queued_at_the_hang_up() {
+    let gw = Gateway::start("queuedatend", &["--playback-buffer", "30s"]);
+    let audio = speech();
+    let p = producer();
+    let s = sid("MZ", 45);
+    let mut c = connect_small_rcvbuf(gw.port, "/stream").await.unwrap();
+    c.send(&start(&s, &sid("CA", 45), ACCOUNT, &["inbound"], &[]))
+        .await;
+    c.send(&media(&s, 2, "inbound", 1, 0, &audio[..160])).await;
+    let (topic, partition) = route(&gw, &s).await;
+    // One-second records for a socket that never reads, until its buffers are full (the
+    // bytes written stop growing) and records wait in the queue.
+    let second = vec![0x55u8; 8000];
+    let mut last_sent = -1.0;
+    for _ in 0..200 {
+        for _ in 0..20 {
+            let r = BaseRecord::to(&topic)
+                .partition(partition)
+                .key(s.as_str())
+                .payload(&second[..])
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "encoding",
+                    value: Some(&b"mulaw"[..]),
+                }));
+            p.send(r).map_err(|e| e.0).unwrap();
+        }
+        p.flush(Duration::from_secs(20)).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = gw.metric("gateway_playback_bytes_sent_total");
+        if sent == last_sent && gw.metric("gateway_playback_queued_bytes") > 0.0 {
+            break;
+        }
+        last_sent = sent;
+    }
+    assert!(gw.metric("gateway_playback_queued_bytes") > 0.0);
+    // The caller hangs up.
+    c.send(&stop(&s, 3, ACCOUNT, &sid("CA", 45))).await;
+    let evs = events_until(&gw, &s, "stop").await;
+    let stop_ev = evs.iter().find(|e| e["type"] == "stop").unwrap();
+    let pb = &stop_ev["playback"];
+    let closed = pb["drops"]["stream_closed"].as_u64().unwrap_or(0);
+    assert!(closed >= 1, "records still queued at the end: {pb}");
+    let records = pb["records"].as_u64().unwrap();
+    let sent = pb["media_bytes_sent"].as_u64().unwrap();
+    assert_eq!(
+        records - closed,
+        sent / 8000,
+        "accepted = written in full + stream_closed: {pb}"
+    );
+    assert_eq!(
+        pb["dropped"].as_u64().unwrap(),
+        closed + pb["drops"]["buffer_full"].as_u64().unwrap_or(0),
+        "{pb}"
+    );
+    // The metric agrees once the connection is gone (the only stream of this gateway).
+    let m = metric_reaches(
+        &gw,
+        &["gateway_playback_dropped_total{reason=\"stream_closed\"}"],
+        closed as f64,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(m, closed as f64, "{pb}");
+    // Every frame written is recorded on the outbound topic, the half-written record's part
+    // included (recorded when the connection goes, after the event).
+    let frames_sent = pb["frames_sent"].as_u64().unwrap();
+    let outbound = vec![format!("{}.audio.outbound", gw.prefix)];
+    let (b, key) = (gw.brokers.clone(), s.clone());
+    let chunks_of = move |r: &[Record]| -> u64 {
+        r.iter()
+            .filter(|x| x.key.as_deref() == Some(key.as_str()))
+            .map(|x| x.h("chunks").parse::<u64>().unwrap())
+            .sum()
+    };
+    let count = chunks_of.clone();
+    let recs = tokio::task::spawn_blocking(move || {
+        consume_until(&b, &outbound, Duration::from_secs(20), |r| {
+            count(r) >= frames_sent
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(chunks_of(&recs), frames_sent, "{pb}");
+}

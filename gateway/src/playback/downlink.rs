@@ -110,6 +110,9 @@ pub struct Counters {
     pub clears_sent: AtomicU64,
     /// Queued μ-law bytes a clear discarded before they were written.
     pub bytes_cleared: AtomicU64,
+    /// Accepted records the writer is done with (written, discarded by a clear, or dropped
+    /// at the end): `records - finished` are queued or being written.
+    pub finished: AtomicU64,
     /// Records refused or discarded, by reason.
     dropped: [AtomicU64; PlaybackDrop::ALL.len()],
 }
@@ -121,12 +124,22 @@ impl Counters {
     }
 
     /// The summary object of the terminal event, `None` when the stream had no playback.
-    pub fn summary(&self) -> Option<serde_json::Value> {
+    /// `unfinished` records still queued when the stream ended are counted `stream_closed`
+    /// (the writer drops them after the event is out).
+    pub fn summary(&self, unfinished: u64) -> Option<serde_json::Value> {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let count = |d: PlaybackDrop| {
+            r(&self.dropped[d.index()])
+                + if d == PlaybackDrop::StreamClosed {
+                    unfinished
+                } else {
+                    0
+                }
+        };
         let drops: serde_json::Map<String, serde_json::Value> = PlaybackDrop::ALL
             .iter()
-            .filter(|d| r(&self.dropped[d.index()]) > 0)
-            .map(|d| (d.as_str().to_owned(), r(&self.dropped[d.index()]).into()))
+            .filter(|d| count(**d) > 0)
+            .map(|d| (d.as_str().to_owned(), count(*d).into()))
             .collect();
         if r(&self.records) == 0 && drops.is_empty() {
             return None;
@@ -163,6 +176,10 @@ pub struct Shared {
     pub counters: Counters,
     /// The stream ended: nothing more is written.
     pub closed: std::sync::atomic::AtomicBool,
+    /// Held while a record is queued and while the stream is closed for its terminal event:
+    /// once closed, nothing more is accepted, so the event's summary is exact. Taken once per
+    /// playback record (uncontended: the consumer thread and, once, the connection).
+    pub accept: Mutex<()>,
     /// When the connection opened (process monotonic clock, µs): no chunk of the stream can be
     /// stamped later than the time since then, give or take [`MAX_AHEAD_US`].
     pub opened_mono_us: u64,
@@ -189,7 +206,25 @@ impl Default for Shared {
             marks: Mutex::new(MarkLedger::default()),
             counters: Counters::default(),
             closed: std::sync::atomic::AtomicBool::new(false),
+            accept: Mutex::new(()),
         }
+    }
+}
+
+impl Shared {
+    /// The stream ended: closes it to new records and returns the summary of its terminal
+    /// event, counting what is still queued (or half written) as `stream_closed`. Runs on the
+    /// connection's task, so the writer is not running meanwhile; after it the writer only
+    /// finishes a half-written frame and drops the rest.
+    pub fn close_and_summarise(&self) -> Option<serde_json::Value> {
+        let _g = self.accept.lock().unwrap_or_else(|e| e.into_inner());
+        self.closed.store(true, Ordering::SeqCst);
+        let c = &self.counters;
+        let unfinished = c
+            .records
+            .load(Ordering::Relaxed)
+            .saturating_sub(c.finished.load(Ordering::Relaxed));
+        c.summary(unfinished)
     }
 }
 
@@ -269,6 +304,11 @@ impl Route {
             return Err(PlaybackDrop::OneWayStream);
         }
         let s = &self.shared;
+        let _accepting = s.accept.lock().unwrap_or_else(|e| e.into_inner());
+        if s.closed.load(Ordering::Relaxed) {
+            // Its terminal event is out (or going): the summary is already taken.
+            return Err(PlaybackDrop::Ended);
+        }
         let len = match &command {
             Command::Media(b) => b.len() as u64,
             _ => 0,

@@ -249,6 +249,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
                 self.bounds.queued.fetch_sub(len, Ordering::Relaxed);
             }
             let stale = q.generation < self.seen_generation;
+            if stale || !matches!(q.command, Command::Media(_)) {
+                // Done with it here; a media record is done when written or cleared.
+                self.shared
+                    .counters
+                    .finished
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             match q.command {
                 Command::Media(bytes) if stale => {
                     self.shared
@@ -280,6 +287,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
 
     fn clear(&mut self, attached: &Attached) {
         if let Some(cur) = self.current.take() {
+            self.shared
+                .counters
+                .finished
+                .fetch_add(1, Ordering::Relaxed);
             let left = (cur.bytes.len() - cur.pos) as u64;
             self.shared
                 .counters
@@ -368,11 +379,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
         cur.pos = end;
         if cur.pos >= cur.bytes.len() {
             if let Some(done) = self.current.take() {
+                c.finished.fetch_add(1, Ordering::Relaxed);
                 Self::record(attached, &done, done.pos);
             }
         }
     }
+}
 
+impl<S> PlaybackIo<S> {
     /// Records the first `sent` bytes of a playback record as one outbound audio record: its
     /// frames were written together, so they play contiguously from the first one's place.
     fn record(attached: &Attached, cur: &Current, sent: usize) {
@@ -400,9 +414,17 @@ impl<S> Drop for PlaybackIo<S> {
                 left += 1;
             }
         }
-        if self.current.is_some() {
+        if let Some(cur) = self.current.take() {
             left += 1;
+            // Its frames already written play in the call: record them, like at a clear.
+            if let Some(attached) = self.attached.get() {
+                Self::record(attached, &cur, cur.pos);
+            }
         }
+        self.shared
+            .counters
+            .finished
+            .fetch_add(left, Ordering::Relaxed);
         for _ in 0..left {
             self.shared.counters.drop_one(PlaybackDrop::StreamClosed);
             self.metrics.playback_dropped[PlaybackDrop::StreamClosed].inc();

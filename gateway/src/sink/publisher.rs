@@ -196,7 +196,7 @@ impl Publisher for ConnectionPublisher {
             }
             // Rendered by the drain thread once the stream's audio is settled.
             let playback = self.downlink.as_ref().and_then(|d| {
-                let mut summary = d.shared.counters.summary()?;
+                let mut summary = d.shared.close_and_summarise()?;
                 if let (Some(s), Some(map)) = (&stream, summary.as_object_mut()) {
                     let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
                     map.insert("frames_recorded".into(), r(&s.playback_recorded).into());
