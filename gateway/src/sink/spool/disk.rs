@@ -165,6 +165,13 @@ struct Reading {
     skip_to: usize,
 }
 
+/// A reading's epoch, stream entries and descriptors.
+type ReadingStreams<'a> = (
+    u64,
+    &'a mut HashMap<u64, Arc<StreamEntry>>,
+    &'a HashMap<u64, StreamIds>,
+);
+
 /// A stream of this process with records on disk: the tier holds its entry while they are.
 struct OwnStream {
     entry: Arc<StreamEntry>,
@@ -209,10 +216,9 @@ pub struct DiskTier {
     /// Records of this process on disk and not read yet.
     records: u64,
     own: HashMap<u64, OwnStream>,
-    /// Streams of earlier processes, by their SIDs: a stream whose records were rewritten by
-    /// a process that shut down while replaying them (its prefix segment) and whose later
-    /// records are still in the first process's segments is one stream, with one terminal.
-    recovered: HashMap<StreamIds, RecoveredStream>,
+    /// Streams of earlier processes, by (epoch, number): two connections that presented the
+    /// same SIDs stay two streams.
+    recovered: HashMap<(u64, u64), RecoveredStream>,
     /// Recovered segments not read yet (synthesised terminals wait for them).
     recovered_left: usize,
     next_recovered: u64,
@@ -229,7 +235,14 @@ pub struct DiskTier {
     out: VecDeque<SpoolRecord>,
     /// Writing a prefix segment (no size limit per segment; see [`Self::write_prefix`]).
     prefix: bool,
+    /// The last prefix segment written.
+    last_prefix: Option<u64>,
 }
+
+/// Lowest segment id taken from a directory listing: prefix segments take ids below the
+/// lowest one in use, and 0 is no segment ([`super::Ticket::MEMORY`]); a gateway never gets
+/// near it (it starts at [`FIRST_ID`]), so a lower one is a foreign file.
+pub(super) const MIN_ID: u64 = 2;
 
 /// Id of the first segment of an empty directory: prefix segments (written at shutdown,
 /// read before everything else) take ids below the lowest one in use.
@@ -323,7 +336,7 @@ impl DiskTier {
             if name == "LOCK" {
                 continue;
             }
-            if let Some(id) = parse_segment_name(&name) {
+            if let Some(id) = parse_segment_name(&name).filter(|id| *id >= MIN_ID) {
                 let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
                 bytes += len;
                 segments.insert(
@@ -416,6 +429,7 @@ impl DiskTier {
             sync_thread,
             out: VecDeque::new(),
             prefix: false,
+            last_prefix: None,
         };
         tier.publish();
         Ok(tier)
@@ -708,18 +722,90 @@ impl DiskTier {
 
     /// Writes `records` into one new segment that is read before every other one: at
     /// shutdown, the records older than everything spooled (in librdkafka's window, rescued,
-    /// parked) keep their place for the next process. Returns how many were written.
+    /// parked) keep their place for the next process. Then a fresh snapshot of the counters
+    /// of every stream of this process with records on disk: deliveries made since a
+    /// stream's terminal record spilled (with its older snapshot) are not lost. The segment is
+    /// synced unless the policy is `never`. Returns how many records were written.
     pub fn write_prefix(&mut self, records: &VecDeque<SpoolRecord>) -> usize {
-        if records.is_empty() {
-            return 0;
-        }
         self.seal();
         self.blocked_until = None;
         self.prefix = true;
-        let written = self.spill(records, records.len());
+        let written = if records.is_empty() {
+            0
+        } else {
+            self.spill(records, records.len())
+        };
+        if !self.own.is_empty() && (self.writer.is_some() || self.start_segment()) {
+            self.write_snapshots();
+        }
+        if let Some(w) = &self.writer {
+            self.last_prefix = Some(w.id);
+            if self.cfg.fsync != FsyncPolicy::Never {
+                self.sync_file(&w.file);
+            }
+        }
         self.seal();
         self.prefix = false;
         written
+    }
+
+    /// Appends a counters snapshot of each of this process's streams with records on disk to
+    /// the active segment (best effort: without it the older snapshot counts).
+    fn write_snapshots(&mut self) {
+        let Some(w) = self.writer.as_mut() else {
+            return;
+        };
+        self.wbuf.clear();
+        for o in self.own.values() {
+            let s = &o.entry;
+            if w.described.insert(s.number) {
+                segment::encode_stream(
+                    &mut self.wbuf,
+                    s.number,
+                    [&s.ids.stream_sid, &s.ids.call_sid, &s.ids.account_sid],
+                );
+            }
+            segment::encode_counters(&mut self.wbuf, &snapshot(s));
+        }
+        if self.bytes + self.wbuf.len() as u64 > self.cfg.max_bytes {
+            return;
+        }
+        if let Err(e) = (&*w.file).write_all(&self.wbuf) {
+            let (id, good) = (w.id, w.bytes);
+            let _ = w.file.set_len(good);
+            w.described.clear();
+            let path = self.cfg.dir.join(segment_name(id));
+            self.disk_error(DiskOp::Write, &path, &e);
+            return;
+        }
+        let n = self.wbuf.len() as u64;
+        w.bytes += n;
+        self.bytes += n;
+        if let Some(seg) = self.segments.get_mut(&w.id) {
+            seg.bytes += n;
+        }
+    }
+
+    /// Deletes the prefix segment [`Self::write_prefix`] just wrote (it could not take
+    /// everything: the caller writes a smaller one).
+    pub fn discard_prefix(&mut self) {
+        let Some(id) = self.last_prefix.take() else {
+            return;
+        };
+        self.unread.retain(|u| *u != id);
+        if let Some(seg) = self.segments.remove(&id) {
+            self.bytes = self.bytes.saturating_sub(seg.bytes);
+            if let Err(e) = std::fs::remove_file(&seg.path) {
+                self.disk_error(DiskOp::Delete, &seg.path, &e);
+            }
+        }
+    }
+
+    /// Whether segments may be consumed at a clean shutdown: not while records of an earlier
+    /// process are being recovered (their streams' state lives in those segments until they
+    /// are read to the end; the next process replays them whole, as after a crash).
+    pub fn may_consume(&self) -> bool {
+        self.recovered_left == 0 && self.recovered.is_empty()
     }
 
     fn sync_file(&self, f: &File) {
@@ -926,23 +1012,19 @@ impl DiskTier {
                     let entry = if own_epoch {
                         None
                     } else {
-                        self.recovered_entry(
-                            &mut reading.streams,
-                            &reading.described,
-                            topics.len(),
-                            c.stream,
-                        )
+                        self.recovered_entry(reading, topics.len(), c.stream)
                     };
-                    if let Some(r) = entry.and_then(|e| self.recovered.get_mut(&e.ids)) {
+                    let key = (reading.epoch, c.stream);
+                    if let Some(r) = entry.and_then(|_| self.recovered.get_mut(&key)) {
                         restore(&r.entry, &mut r.applied, !r.counters, &c);
                         r.counters = true;
                     }
                 }
                 Frame::Record { meta, payload } => {
                     if !own_epoch && meta.stream != segment::NO_STREAM {
-                        self.recovered_entry(
-                            &mut reading.streams,
-                            &reading.described,
+                        let (streams, described) = (&mut reading.streams, &reading.described);
+                        self.recovered_entry_in(
+                            (reading.epoch, streams, described),
                             topics.len(),
                             meta.stream,
                         );
@@ -957,8 +1039,18 @@ impl DiskTier {
     /// and epoch) the first time a record or snapshot of it is replayed.
     fn recovered_entry(
         &mut self,
-        streams: &mut HashMap<u64, Arc<StreamEntry>>,
-        described: &HashMap<u64, StreamIds>,
+        reading: &mut Reading,
+        slots: usize,
+        number: u64,
+    ) -> Option<Arc<StreamEntry>> {
+        let (streams, described) = (&mut reading.streams, &reading.described);
+        self.recovered_entry_in((reading.epoch, streams, described), slots, number)
+    }
+
+    /// [`Self::recovered_entry`] on a reading's parts (its buffer may be borrowed).
+    fn recovered_entry_in(
+        &mut self,
+        (epoch, streams, described): ReadingStreams<'_>,
         slots: usize,
         number: u64,
     ) -> Option<Arc<StreamEntry>> {
@@ -969,7 +1061,7 @@ impl DiskTier {
         let next = &mut self.next_recovered;
         let entry = self
             .recovered
-            .entry(ids.clone())
+            .entry((epoch, number))
             .or_insert_with(|| {
                 *next += 1;
                 RecoveredStream {
@@ -1030,7 +1122,7 @@ impl DiskTier {
         } else {
             m.recovered.inc();
             if let Some(s) = &stream {
-                let rs = self.recovered.get_mut(&s.ids);
+                let rs = self.recovered.get_mut(&(reading.epoch, meta.stream));
                 match kind {
                     Kind::Audio => {
                         // The terminal event waits for these like for any audio.
@@ -1149,6 +1241,12 @@ impl DiskTier {
     /// prefix now); the one being read gets a cursor file, so the next process resumes after
     /// the last record read instead of replaying (and duplicating) the segment's start.
     pub fn consume_read(&mut self) {
+        if self.cfg.fsync != FsyncPolicy::Never {
+            // The prefix's directory entry first: it replaces what is deleted below.
+            if let Some(d) = &self.dir_file {
+                self.sync_file(d);
+            }
+        }
         if let Some(r) = self.reading.take() {
             let end = Frames::new(&r.buf, r.at).next().is_none();
             if end {

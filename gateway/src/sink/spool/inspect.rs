@@ -79,7 +79,7 @@ pub fn inspect(dir: &Path) -> std::io::Result<Inspection> {
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        match parse_segment_name(&name) {
+        match parse_segment_name(&name).filter(|id| *id >= super::disk::MIN_ID) {
             Some(id) => ids.push((id, name)),
             None if name == "LOCK" || parse_cursor_name(&name).is_some() => {}
             None => out.other_files.push(name),
@@ -100,7 +100,9 @@ pub fn inspect(dir: &Path) -> std::io::Result<Inspection> {
             bytes: bytes.len() as u64,
             records: 0,
             corrupt: None,
-            resume_at: read_cursor(&dir.join(cursor_name(id))),
+            // As the gateway applies it: within the segment, past its header.
+            resume_at: read_cursor(&dir.join(cursor_name(id)))
+                .filter(|at| *at >= segment::HEADER_LEN as u64 && *at <= bytes.len() as u64),
         };
         if let Err(c) = segment::decode_header(&bytes) {
             rep.corrupt = Some(c.label().to_owned());

@@ -88,6 +88,8 @@ pub struct Spool {
     spill_after_us: u64,
     budget: Arc<Budget>,
     metrics: Arc<Metrics>,
+    /// The last [`Spool::persist`] consumed the segments it had read.
+    consumed: bool,
 }
 
 impl Spool {
@@ -111,6 +113,7 @@ impl Spool {
             spill_after_us: cfg.spill_after.as_micros() as u64,
             budget,
             metrics,
+            consumed: false,
         })
     }
 
@@ -260,15 +263,34 @@ impl Spool {
             in_segment.push(t.is_disk());
             head.push_back(r);
         }
-        // Synthesised terminals: if the prefix cannot take them they are counted, not lost.
+        // Synthesised terminals (made again by the next process if nothing is consumed);
+        // charged like any queued record from here on.
         for r in d.take_pending() {
-            in_segment.push(false);
+            self.budget.charge(r.compact_cost());
+            in_segment.push(true);
             head.push_back(r);
         }
         in_segment.extend(parked.iter().map(|_| false));
         head.extend(parked);
-        let written = d.write_prefix(&head);
-        let complete = written == head.len();
+        let mut written = d.write_prefix(&head);
+        let mut complete = written == head.len();
+        if !complete && in_segment.iter().any(|x| *x) {
+            // No room for all of it: the segments stay, so their records must not also be
+            // in the prefix (twice, and out of order with the rest of their segment).
+            d.discard_prefix();
+            let mut keep = VecDeque::with_capacity(head.len());
+            for (r, seg) in head.drain(..).zip(in_segment.iter()) {
+                if *seg {
+                    self.budget.credit(r.compact_cost());
+                } else {
+                    keep.push_back(r);
+                }
+            }
+            head = keep;
+            in_segment = vec![false; head.len()];
+            written = d.write_prefix(&head);
+            complete = false;
+        }
         let mut left = Vec::new();
         for (i, r) in head.drain(..).enumerate() {
             if i < written || in_segment[i] {
@@ -286,11 +308,19 @@ impl Spool {
         left.extend(self.memory.drain(..));
         self.memory_bytes = 0;
         d.close();
-        if complete {
+        self.consumed = complete && d.may_consume();
+        if self.consumed {
             d.consume_read();
         }
         d.publish();
         left
+    }
+
+    /// Whether the last [`Spool::persist`] consumed the segments it had read (a clean restart
+    /// then repeats nothing); false while an earlier process's records were being recovered,
+    /// or when the prefix could not take everything.
+    pub fn consumed(&self) -> bool {
+        self.consumed
     }
 
     /// Whether the disk tier is above `fraction` of `--spool-max-bytes`.
