@@ -924,12 +924,10 @@ impl Drain {
             held.sort_by_key(|f| f.seq);
             self.window_records = 0;
             let mut front = Vec::with_capacity(held.len() + self.rescued.len());
-            front.extend(held.into_iter().map(|f| f.record));
-            front.extend(self.rescued.drain(..).map(|(r, _)| r));
-            let parked: Vec<SpoolRecord> = std::mem::take(&mut self.parked)
-                .into_values()
-                .map(|(r, _)| r)
-                .collect();
+            front.extend(held.into_iter().map(|f| (f.record, f.ticket)));
+            front.extend(self.rescued.drain(..));
+            let parked: Vec<(SpoolRecord, Ticket)> =
+                std::mem::take(&mut self.parked).into_values().collect();
             let queued =
                 front.len() as u64 + parked.len() as u64 + self.spool.memory_records() as u64;
             let left = self.spool.persist(front, parked);

@@ -235,14 +235,15 @@ pub struct DiskTier {
     out: VecDeque<SpoolRecord>,
     /// Writing a prefix segment (no size limit per segment; see [`Self::write_prefix`]).
     prefix: bool,
-    /// The last prefix segment written.
-    last_prefix: Option<u64>,
+    /// Segments the last [`Self::write_prefix`] created.
+    prefix_ids: Vec<u64>,
 }
 
-/// Lowest segment id taken from a directory listing: prefix segments take ids below the
-/// lowest one in use, and 0 is no segment ([`super::Ticket::MEMORY`]); a gateway never gets
-/// near it (it starts at [`FIRST_ID`]), so a lower one is a foreign file.
-pub(super) const MIN_ID: u64 = 2;
+/// Lowest segment id taken from a directory listing: 0 is no segment
+/// ([`super::Ticket::MEMORY`]); a gateway never gets near it (it starts at [`FIRST_ID`] and
+/// prefix segments take ids below the lowest in use, never [`MIN_ID`] or less), so a lower
+/// one is a foreign file.
+pub(super) const MIN_ID: u64 = 1;
 
 /// Id of the first segment of an empty directory: prefix segments (written at shutdown,
 /// read before everything else) take ids below the lowest one in use.
@@ -429,7 +430,7 @@ impl DiskTier {
             sync_thread,
             out: VecDeque::new(),
             prefix: false,
-            last_prefix: None,
+            prefix_ids: Vec::new(),
         };
         tier.publish();
         Ok(tier)
@@ -515,7 +516,12 @@ impl DiskTier {
     fn start_segment(&mut self) -> bool {
         let id = if self.prefix {
             let lowest = self.segments.keys().next().copied().unwrap_or(self.next_id);
-            lowest.min(self.next_id) - 1
+            let lowest = lowest.min(self.next_id);
+            if lowest <= MIN_ID {
+                // No id left below it that a restart would read (a planted file): no prefix.
+                return false;
+            }
+            lowest - 1
         } else {
             self.next_id
         };
@@ -548,7 +554,9 @@ impl DiskTier {
                 return false;
             }
         };
-        if !self.prefix {
+        if self.prefix {
+            self.prefix_ids.push(id);
+        } else {
             self.next_id += 1;
         }
         self.bytes += head.len() as u64;
@@ -726,34 +734,38 @@ impl DiskTier {
     /// of every stream of this process with records on disk: deliveries made since a
     /// stream's terminal record spilled (with its older snapshot) are not lost. The segment is
     /// synced unless the policy is `never`. Returns how many records were written.
-    pub fn write_prefix(&mut self, records: &VecDeque<SpoolRecord>) -> usize {
+    pub fn write_prefix(
+        &mut self,
+        records: &VecDeque<SpoolRecord>,
+        snapshots: bool,
+    ) -> (usize, bool) {
         self.seal();
         self.blocked_until = None;
         self.prefix = true;
+        self.prefix_ids.clear();
         let written = if records.is_empty() {
             0
         } else {
             self.spill(records, records.len())
         };
-        if !self.own.is_empty() && (self.writer.is_some() || self.start_segment()) {
-            self.write_snapshots();
-        }
+        let snapshots_written = !snapshots
+            || self.own.is_empty()
+            || ((self.writer.is_some() || self.start_segment()) && self.write_snapshots());
         if let Some(w) = &self.writer {
-            self.last_prefix = Some(w.id);
             if self.cfg.fsync != FsyncPolicy::Never {
                 self.sync_file(&w.file);
             }
         }
         self.seal();
         self.prefix = false;
-        written
+        (written, snapshots_written)
     }
 
     /// Appends a counters snapshot of each of this process's streams with records on disk to
-    /// the active segment (best effort: without it the older snapshot counts).
-    fn write_snapshots(&mut self) {
+    /// the active segment. False when they could not be written (no room, a write error).
+    fn write_snapshots(&mut self) -> bool {
         let Some(w) = self.writer.as_mut() else {
-            return;
+            return false;
         };
         self.wbuf.clear();
         for o in self.own.values() {
@@ -768,7 +780,7 @@ impl DiskTier {
             segment::encode_counters(&mut self.wbuf, &snapshot(s));
         }
         if self.bytes + self.wbuf.len() as u64 > self.cfg.max_bytes {
-            return;
+            return false;
         }
         if let Err(e) = (&*w.file).write_all(&self.wbuf) {
             let (id, good) = (w.id, w.bytes);
@@ -776,7 +788,7 @@ impl DiskTier {
             w.described.clear();
             let path = self.cfg.dir.join(segment_name(id));
             self.disk_error(DiskOp::Write, &path, &e);
-            return;
+            return false;
         }
         let n = self.wbuf.len() as u64;
         w.bytes += n;
@@ -784,19 +796,19 @@ impl DiskTier {
         if let Some(seg) = self.segments.get_mut(&w.id) {
             seg.bytes += n;
         }
+        true
     }
 
-    /// Deletes the prefix segment [`Self::write_prefix`] just wrote (it could not take
-    /// everything: the caller writes a smaller one).
+    /// Deletes the prefix segments [`Self::write_prefix`] just wrote (they could not take
+    /// everything: the caller writes a smaller prefix, without snapshots).
     pub fn discard_prefix(&mut self) {
-        let Some(id) = self.last_prefix.take() else {
-            return;
-        };
-        self.unread.retain(|u| *u != id);
-        if let Some(seg) = self.segments.remove(&id) {
-            self.bytes = self.bytes.saturating_sub(seg.bytes);
-            if let Err(e) = std::fs::remove_file(&seg.path) {
-                self.disk_error(DiskOp::Delete, &seg.path, &e);
+        for id in std::mem::take(&mut self.prefix_ids) {
+            self.unread.retain(|u| *u != id);
+            if let Some(seg) = self.segments.remove(&id) {
+                self.bytes = self.bytes.saturating_sub(seg.bytes);
+                if let Err(e) = std::fs::remove_file(&seg.path) {
+                    self.disk_error(DiskOp::Delete, &seg.path, &e);
+                }
             }
         }
     }
@@ -847,10 +859,10 @@ impl DiskTier {
                     if let Some(s) = self.segments.get_mut(&id) {
                         s.read = true;
                     }
-                    if reading.recovered {
-                        self.recovered_left = self.recovered_left.saturating_sub(1);
-                    }
                     self.release(id);
+                    if reading.recovered {
+                        self.recovered_segment_done();
+                    }
                 }
             }
         }
@@ -892,10 +904,10 @@ impl DiskTier {
                     s.read = true;
                     s.corrupt = true;
                 }
-                if recovered {
-                    tier.recovered_left = tier.recovered_left.saturating_sub(1);
-                }
                 tier.release(id);
+                if recovered {
+                    tier.recovered_segment_done();
+                }
             };
             let buf = match std::fs::read(&path) {
                 Ok(b) => b,
@@ -1202,12 +1214,35 @@ impl DiskTier {
         }
     }
 
+    /// One more of an earlier process's segments is read; after the last one, those held
+    /// back (read and settled) are released.
+    fn recovered_segment_done(&mut self) {
+        self.recovered_left = self.recovered_left.saturating_sub(1);
+        if self.recovered_left == 0 {
+            let held: Vec<u64> = self
+                .segments
+                .iter()
+                .filter(|(_, s)| s.recovered && s.read)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in held {
+                self.release(id);
+            }
+        }
+    }
+
     /// Deletes (or, when corrupt, moves aside) a segment that is read and settled.
     fn release(&mut self, id: u64) {
         let Some(s) = self.segments.get(&id) else {
             return;
         };
         if !s.read || s.outstanding > 0 {
+            return;
+        }
+        if s.recovered && self.recovered_left > 0 {
+            // An earlier process's segments stay until all of them are read: until then its
+            // streams' state (terminal or not, counters) is only known from them, and a
+            // shutdown before the end leaves them to be replayed whole.
             return;
         }
         let Some(s) = self.segments.remove(&id) else {

@@ -242,60 +242,74 @@ impl Spool {
     /// for the caller to count.
     pub fn persist(
         &mut self,
-        front: Vec<SpoolRecord>,
-        parked: Vec<SpoolRecord>,
+        front: Vec<(SpoolRecord, Ticket)>,
+        parked: Vec<(SpoolRecord, Ticket)>,
     ) -> Vec<SpoolRecord> {
+        self.consumed = false;
         let Some(d) = self.disk.as_mut() else {
-            let mut left = front;
+            let mut left: Vec<SpoolRecord> = front.into_iter().map(|(r, _)| r).collect();
             left.extend(self.staged.drain(..).map(|(r, _)| r));
-            left.extend(parked);
+            left.extend(parked.into_iter().map(|(r, _)| r));
             left.extend(self.memory.drain(..));
             self.memory_bytes = 0;
             return left;
         };
-        // The head of the spool, oldest first. Records decoded from disk go to the prefix
-        // too: the segments they came from are consumed below once the prefix is complete.
-        let mut head: VecDeque<SpoolRecord> = front.into();
-        // Which of `head` are still in their segment if the prefix cannot take them: those
-        // are not lost (nothing is consumed then).
-        let mut in_segment = vec![false; head.len()];
-        for (r, t) in self.staged.drain(..) {
-            in_segment.push(t.is_disk());
-            head.push_back(r);
-        }
-        // Synthesised terminals (made again by the next process if nothing is consumed);
-        // charged like any queued record from here on.
+        // The head of the spool, oldest first, each with whether it is still in a disk
+        // segment (read from one and not settled).
+        let mut head: Vec<(SpoolRecord, bool)> =
+            front.into_iter().map(|(r, t)| (r, t.is_disk())).collect();
+        head.extend(self.staged.drain(..).map(|(r, t)| (r, t.is_disk())));
+        // Synthesised terminals: in no segment; charged like any queued record from here on.
         for r in d.take_pending() {
             self.budget.charge(r.compact_cost());
-            in_segment.push(true);
-            head.push_back(r);
+            head.push((r, false));
         }
-        in_segment.extend(parked.iter().map(|_| false));
-        head.extend(parked);
-        let mut written = d.write_prefix(&head);
-        let mut complete = written == head.len();
-        if !complete && in_segment.iter().any(|x| *x) {
-            // No room for all of it: the segments stay, so their records must not also be
-            // in the prefix (twice, and out of order with the rest of their segment).
-            d.discard_prefix();
-            let mut keep = VecDeque::with_capacity(head.len());
-            for (r, seg) in head.drain(..).zip(in_segment.iter()) {
-                if *seg {
+        head.extend(parked.into_iter().map(|(r, t)| (r, t.is_disk())));
+        // Consuming: everything goes to the prefix and the segments read are consumed once
+        // it is complete. Otherwise (recovering an earlier process, or no room for all of it)
+        // records still in their segments stay only there: the segments are replayed whole,
+        // and the prefix must not hold a second, out-of-order copy.
+        let (mut records, in_segment): (VecDeque<SpoolRecord>, Vec<bool>) =
+            head.into_iter().unzip();
+        let mut consume = d.may_consume();
+        let mut written = 0;
+        if consume {
+            let (n, snapshots) = d.write_prefix(&records, true);
+            if n == records.len() && snapshots {
+                written = n;
+            } else {
+                d.discard_prefix();
+                consume = false;
+            }
+        }
+        if !consume {
+            // A stream with records only in the prefix keeps its in-segment ones there too
+            // (a copy stays in the segment): the prefix is read first, and its newer records
+            // must not overtake the older ones replayed from the segment.
+            let mixed: std::collections::HashSet<u64> = records
+                .iter()
+                .zip(&in_segment)
+                .filter(|(_, seg)| !**seg)
+                .filter_map(|(r, _)| r.stream.as_ref().map(|e| e.number))
+                .collect();
+            let mut keep = VecDeque::with_capacity(records.len());
+            for (r, seg) in records.drain(..).zip(in_segment) {
+                let ordered = r.stream.as_ref().is_some_and(|e| mixed.contains(&e.number));
+                if seg && !ordered {
                     self.budget.credit(r.compact_cost());
                 } else {
                     keep.push_back(r);
                 }
             }
-            head = keep;
-            in_segment = vec![false; head.len()];
-            written = d.write_prefix(&head);
-            complete = false;
+            records = keep;
+            written = d.write_prefix(&records, false).0;
         }
         let mut left = Vec::new();
-        for (i, r) in head.drain(..).enumerate() {
-            if i < written || in_segment[i] {
+        for (i, r) in records.into_iter().enumerate() {
+            if i < written {
                 self.budget.credit(r.compact_cost());
             } else {
+                // The caller credits (and counts) what it gets back.
                 left.push(r);
             }
         }
@@ -308,8 +322,8 @@ impl Spool {
         left.extend(self.memory.drain(..));
         self.memory_bytes = 0;
         d.close();
-        self.consumed = complete && d.may_consume();
-        if self.consumed {
+        self.consumed = consume;
+        if consume {
             d.consume_read();
         }
         d.publish();

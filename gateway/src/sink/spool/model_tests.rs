@@ -90,9 +90,9 @@ struct Harness {
     ever_seen: HashSet<Id>,
     /// Ids settled in this lifetime (gone for good if it ends cleanly and consumes).
     settled: HashSet<Id>,
-    /// Extra copies of a record a clean shutdown that could not consume wrote (unsettled
-    /// disk hand-outs persisted while still in their segments): it may come out that many
-    /// more times per lifetime.
+    /// Extra copies of a record a clean shutdown that could not consume wrote (a disk
+    /// hand-out of a stream that also had memory hand-outs is kept in the prefix for order
+    /// and stays in its segment): it may come out that many more times per lifetime.
     extra: HashMap<Id, u32>,
     /// Hand-outs per id in this lifetime.
     count: HashMap<Id, u32>,
@@ -310,16 +310,17 @@ impl Harness {
 
     fn restart(&mut self) {
         // Clean shutdown: the unsettled hand-outs are older than the whole spool and come
-        // out once more. When the segments read are consumed (not while an earlier process's
-        // records are being recovered), what this lifetime settled never comes out again;
-        // otherwise disk hand-outs are also still in their segments and may come out twice.
+        // out once more (from the prefix and, when nothing is consumed, possibly also from
+        // their segments). When the segments read are consumed (not while an earlier process's
+        // records are being recovered), what this lifetime settled never comes out again.
         let from_disk: Vec<Id> = self
             .out
             .iter()
             .filter(|(_, t, _)| t.is_disk())
             .map(|(id, _, _)| *id)
             .collect();
-        let front: Vec<SpoolRecord> = self.out.drain(..).map(|(_, _, r)| r).collect();
+        let front: Vec<(SpoolRecord, Ticket)> =
+            self.out.drain(..).map(|(_, t, r)| (r, t)).collect();
         let mut spool = self.spool.take().unwrap();
         let left = spool.persist(front, Vec::new());
         assert!(left.is_empty(), "{} records not persisted", left.len());
