@@ -236,10 +236,11 @@ impl Spool {
     /// records older than the whole spool (librdkafka's unacknowledged window in produce
     /// order, then the drain's rescued records) and `parked` the terminal records waiting for
     /// them: they go to a segment read before all others, with the records decoded from disk
-    /// ahead of need. When that prefix is written whole, the segments already read are
-    /// consumed ([`disk::DiskTier::consume_read`]): a clean restart neither loses nor repeats a
-    /// record. Returns the records that could not be written (no disk tier, or it is full),
-    /// for the caller to count.
+    /// ahead of need and fresh counters snapshots. When that prefix is written whole and no
+    /// earlier process's records are being recovered, the segments already read are consumed
+    /// ([`disk::DiskTier::consume_read`]): a clean restart neither loses nor repeats a record.
+    /// Returns the records that could not be written and are nowhere else (no disk tier, or it
+    /// is full), for the caller to count.
     pub fn persist(
         &mut self,
         front: Vec<(SpoolRecord, Ticket)>,
@@ -267,12 +268,14 @@ impl Spool {
         head.extend(parked.into_iter().map(|(r, t)| (r, t.is_disk())));
         // Consuming: everything goes to the prefix and the segments read are consumed once
         // it is complete. Otherwise (recovering an earlier process, or no room for all of it)
-        // records still in their segments stay only there: the segments are replayed whole,
-        // and the prefix must not hold a second, out-of-order copy.
+        // the segments are replayed whole and records still in them stay only there, unless
+        // their stream also has records only in the prefix (see below).
         let (mut records, in_segment): (VecDeque<SpoolRecord>, Vec<bool>) =
             head.into_iter().unzip();
         let mut consume = d.may_consume();
         let mut written = 0;
+        // Of what goes to the prefix, which records are also still in a segment.
+        let mut also_in_segment = in_segment.clone();
         if consume {
             let (n, snapshots) = d.write_prefix(&records, true);
             if n == records.len() && snapshots {
@@ -293,12 +296,14 @@ impl Spool {
                 .filter_map(|(r, _)| r.stream.as_ref().map(|e| e.number))
                 .collect();
             let mut keep = VecDeque::with_capacity(records.len());
+            also_in_segment.clear();
             for (r, seg) in records.drain(..).zip(in_segment) {
                 let ordered = r.stream.as_ref().is_some_and(|e| mixed.contains(&e.number));
                 if seg && !ordered {
                     self.budget.credit(r.compact_cost());
                 } else {
                     keep.push_back(r);
+                    also_in_segment.push(seg);
                 }
             }
             records = keep;
@@ -306,7 +311,8 @@ impl Spool {
         }
         let mut left = Vec::new();
         for (i, r) in records.into_iter().enumerate() {
-            if i < written {
+            if i < written || (!consume && also_in_segment[i]) {
+                // Written, or not written but still in its segment (replayed whole).
                 self.budget.credit(r.compact_cost());
             } else {
                 // The caller credits (and counts) what it gets back.
