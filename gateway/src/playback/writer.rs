@@ -186,6 +186,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
         Poll::Ready(Ok(()))
     }
 
+    /// Records the first `sent` bytes of a playback record as one outbound audio record: its
+    /// frames were written together, so they play contiguously from the first one's place.
+    fn record(attached: &Attached, cur: &Current, sent: usize) {
+        if sent > 0 {
+            let frames = sent.div_ceil(FRAME_BYTES) as u32;
+            attached.record(&cur.bytes[..sent], cur.starts_ms, cur.first_frame, frames);
+        }
+    }
+
     /// Moves the downlink forward; see the module docs. `Err` ends the stream.
     fn drive(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if self.shared.closed.load(Ordering::Relaxed) {
@@ -386,17 +395,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
     }
 }
 
-impl<S> PlaybackIo<S> {
-    /// Records the first `sent` bytes of a playback record as one outbound audio record: its
-    /// frames were written together, so they play contiguously from the first one's place.
-    fn record(attached: &Attached, cur: &Current, sent: usize) {
-        if sent > 0 {
-            let frames = sent.div_ceil(FRAME_BYTES) as u32;
-            attached.record(&cur.bytes[..sent], cur.starts_ms, cur.first_frame, frames);
-        }
-    }
-}
-
 impl<S> Drop for PlaybackIo<S> {
     fn drop(&mut self) {
         // Whatever is still queued for a stream that ended is dropped and counted.
@@ -414,12 +412,10 @@ impl<S> Drop for PlaybackIo<S> {
                 left += 1;
             }
         }
-        if let Some(cur) = self.current.take() {
+        if self.current.take().is_some() {
+            // Its frames already written are not recorded: the stream's terminal event is out,
+            // and nothing of a stream is published after it (decision 45).
             left += 1;
-            // Its frames already written play in the call: record them, like at a clear.
-            if let Some(attached) = self.attached.get() {
-                Self::record(attached, &cur, cur.pos);
-            }
         }
         self.shared
             .counters
