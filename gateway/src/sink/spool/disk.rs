@@ -281,7 +281,7 @@ pub(super) fn parse_cursor_name(name: &str) -> Option<u64> {
 }
 
 /// Check word of a cursor file (its offset XOR this): a torn or foreign file is not believed.
-const CURSOR_CHECK: u64 = 0x5350_4f4f_4c43_5552;
+pub(super) const CURSOR_CHECK: u64 = 0x5350_4f4f_4c43_5552;
 
 /// The offset a cursor file holds, if it is well formed.
 pub(super) fn read_cursor(path: &Path) -> Option<u64> {

@@ -566,3 +566,58 @@ fn a_clean_restart_mid_segment_resumes_at_the_cursor_and_adds_to_the_snapshot() 
     drop(h.spool.take());
     let _ = std::fs::remove_dir_all(&h.dir);
 }
+
+/// Cursor files that are not what a clean shutdown writes — garbage, an offset past the
+/// segment's end, one inside its header, one for no segment — are not believed: the segment
+/// is replayed whole (duplicates at worst, never a record skipped) and the files are removed.
+#[test]
+fn a_bad_cursor_replays_the_whole_segment_and_is_removed() {
+    const N: u64 = 200;
+    let mut h = Harness::new(u64::MAX - 1);
+    for _ in 0..N {
+        h.push(1, false, 40);
+    }
+    h.maintain(true);
+    // Crash (nothing consumed), then plant bad cursors next to the segments.
+    drop(h.spool.take());
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&h.dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "spool"))
+        .collect();
+    segs.sort();
+    assert!(segs.len() >= 3, "{segs:?}");
+    let cursor = |seg: &PathBuf| seg.with_extension("cursor");
+    let word = |at: u64| {
+        let mut b = at.to_le_bytes().to_vec();
+        b.extend_from_slice(&(at ^ super::disk::CURSOR_CHECK).to_le_bytes());
+        b
+    };
+    std::fs::write(cursor(&segs[0]), b"not a cursor").unwrap();
+    let len = std::fs::metadata(&segs[1]).unwrap().len();
+    std::fs::write(cursor(&segs[1]), word(len + 1)).unwrap();
+    std::fs::write(cursor(&segs[2]), word(3)).unwrap();
+    std::fs::write(h.dir.join("seg-00000000deadbeef.cursor"), word(64)).unwrap();
+    h.open();
+    let topics = Topics::new("model", AudioEncoding::PcmS16le);
+    let mut seqs = Vec::new();
+    while let Some((r, t)) = h.spool().pop(&topics) {
+        if r.kind == Kind::Audio {
+            seqs.push(r.seq);
+        }
+        h.spool().ack(t);
+    }
+    assert_eq!(
+        seqs,
+        (0..N).collect::<Vec<_>>(),
+        "every record, once, in order"
+    );
+    let left: Vec<String> = std::fs::read_dir(&h.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".cursor"))
+        .collect();
+    assert!(left.is_empty(), "bad cursors removed: {left:?}");
+    drop(h.spool.take());
+    let _ = std::fs::remove_dir_all(&h.dir);
+}
