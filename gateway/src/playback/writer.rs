@@ -186,15 +186,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
         Poll::Ready(Ok(()))
     }
 
-    /// Records the first `sent` bytes of a playback record as one outbound audio record: its
-    /// frames were written together, so they play contiguously from the first one's place.
-    fn record(attached: &Attached, cur: &Current, sent: usize) {
-        if sent > 0 {
-            let frames = sent.div_ceil(FRAME_BYTES) as u32;
-            attached.record(&cur.bytes[..sent], cur.starts_ms, cur.first_frame, frames);
-        }
-    }
-
     /// Moves the downlink forward; see the module docs. `Err` ends the stream.
     fn drive(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if self.shared.closed.load(Ordering::Relaxed) {
@@ -391,6 +382,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
                 c.finished.fetch_add(1, Ordering::Relaxed);
                 Self::record(attached, &done, done.pos);
             }
+        }
+    }
+
+    /// Records the first `sent` bytes of a playback record as one outbound audio record: its
+    /// frames were written together, so they play contiguously from the first one's place.
+    fn record(attached: &Attached, cur: &Current, sent: usize) {
+        if sent > 0 {
+            let frames = sent.div_ceil(FRAME_BYTES) as u32;
+            attached.record(&cur.bytes[..sent], cur.starts_ms, cur.first_frame, frames);
         }
     }
 }

@@ -18,10 +18,11 @@
 //! shutdown left half read (see [`DiskTier::consume_read`]). Anything else in the directory is
 //! counted as foreign and left alone.
 //!
-//! Clean shutdown is exactly-once for the spool's own records: every record already read
-//! from disk is then either settled or rewritten into the shutdown's prefix segment, so the
-//! segments read are deleted and the one being read resumes after its cursor. Only a crash
-//! replays a segment whole.
+//! A clean shutdown repeats nothing: every record already read from disk is then either
+//! settled or rewritten into the shutdown's prefix segment, so the segments read are deleted
+//! and the one being read resumes after its cursor. Not while an earlier process's segments
+//! are being recovered, nor when the disk has no room for the prefix: then, as after a crash,
+//! segments are replayed whole (at-least-once).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
