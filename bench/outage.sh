@@ -8,7 +8,10 @@
 #   e.g. bench/outage.sh 500 60 disk          # the issue-12 target: zero loss, RSS ≤ 512 MiB
 #        bench/outage.sh 500 10 memory        # no --spool-dir, default budget
 #        bench/outage.sh 200 40 disk 20       # kill -9 20 s into the outage, restart
-# Env: TRACKS (both|inbound), OUTAGE_AT (20), TAIL (after the outage, 60), GATEWAY_ARGS.
+#        TERM_AT=2 bench/outage.sh 200 30 disk # SIGTERM 2 s into the replay, broker paused
+#                                             # again (the final flush times out), restart
+# Env: TRACKS (both|inbound), OUTAGE_AT (20), TAIL (after the outage, 60), GATEWAY_ARGS,
+#      TERM_AT (seconds after the broker resumes; use short --drain-timeout/--flush-timeout).
 # Writes bench/results/outage-*.{json,csv} and prints a summary (RSS max, drain time, loss).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -20,6 +23,7 @@ KILL_AT="${4:-}"
 TRACKS="${TRACKS:-both}"
 OUTAGE_AT="${OUTAGE_AT:-20}"
 TAIL="${TAIL:-60}"
+TERM_AT="${TERM_AT:-}"
 DURATION=$((OUTAGE_AT + OUTAGE + 20))
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
@@ -90,6 +94,21 @@ else
   echo "broker resumed at $(date +%T)"
 fi
 RESUMED=$SECONDS
+if [ -n "$TERM_AT" ]; then
+  # A clean shutdown in the middle of the replay, with the broker gone again: the final flush
+  # times out and what is unacknowledged goes to the spool's prefix (decision 44).
+  sleep "$TERM_AT"
+  echo "replayed so far: $(metric gateway_spool_replayed_records_total)"
+  kill -STOP $BROKER
+  kill -TERM $GW
+  wait $GW 2>/dev/null || true
+  echo "gateway stopped (SIGTERM) at $(date +%T), ${TERM_AT}s into the replay"
+  echo "on disk after the stop: $(target/release/gateway spool-inspect "$SPOOLDIR" | tail -1)"
+  ls "$SPOOLDIR" | grep -c cursor | sed 's/^/cursor files: /' || true
+  kill -CONT $BROKER
+  start_gateway
+  RESUMED=$SECONDS
+fi
 # Drain time: until nothing is queued in the spool and the in-flight budget is back to idle.
 while true; do
   mem="$(metric 'gateway_spool_records{tier="memory"}')"; disk="$(metric 'gateway_spool_records{tier="disk"}')"
