@@ -215,7 +215,7 @@ impl Shared {
     /// The stream ended: closes it to new records and returns the summary of its terminal
     /// event, counting what is still queued (or half written) as `stream_closed`. Runs on the
     /// connection's task, so the writer is not running meanwhile; after it the writer only
-    /// finishes a half-written frame and drops the rest.
+    /// writes out the frames it had already batched (at most 16 KiB) and drops the rest.
     pub fn close_and_summarise(&self) -> Option<serde_json::Value> {
         let _g = self.accept.lock().unwrap_or_else(|e| e.into_inner());
         self.closed.store(true, Ordering::SeqCst);

@@ -311,8 +311,8 @@ impl Downlink {
 }
 
 impl Downlink {
-    /// The stream ended: the writer sends nothing more (it only finishes a half-written
-    /// frame) and the consumer stops routing to it. Idempotent; dropping does it too.
+    /// The stream ended: the writer takes nothing more (it only writes out the frames it had
+    /// already batched) and the consumer stops routing to it. Idempotent; dropping does it too.
     pub fn close(&mut self) {
         self.shared
             .closed

@@ -189,7 +189,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
     /// Moves the downlink forward; see the module docs. `Err` ends the stream.
     fn drive(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if self.shared.closed.load(Ordering::Relaxed) {
-            // The stream ended (its terminal event is out): only finish a half-written frame.
+            // The stream ended (its terminal event is out): only write out the frames already
+            // batched (at most 16 KiB; a half-written one must be finished).
             return match self.poll_out(cx) {
                 Poll::Ready(r) => r,
                 Poll::Pending => Ok(()),

@@ -242,8 +242,8 @@ pub struct DiskTier {
 
 /// Lowest segment id taken from a directory listing: 0 is no segment
 /// ([`super::Ticket::MEMORY`]); a gateway never gets near it (it starts at [`FIRST_ID`] and
-/// prefix segments take ids below the lowest in use, never [`MIN_ID`] or less), so a lower
-/// one is a foreign file.
+/// prefix segments take ids below the lowest in use, never below this one), so a lower one
+/// is a foreign file.
 pub(super) const MIN_ID: u64 = 1;
 
 /// Id of the first segment of an empty directory: prefix segments (written at shutdown,
@@ -731,10 +731,11 @@ impl DiskTier {
 
     /// Writes `records` into one new segment that is read before every other one: at
     /// shutdown, the records older than everything spooled (in librdkafka's window, rescued,
-    /// parked) keep their place for the next process. Then a fresh snapshot of the counters
-    /// of every stream of this process with records on disk: deliveries made since a
-    /// stream's terminal record spilled (with its older snapshot) are not lost. The segment is
-    /// synced unless the policy is `never`. Returns how many records were written.
+    /// parked) keep their place for the next process. With `snapshots`, then a fresh snapshot
+    /// of the counters of every stream of this process with records on disk: deliveries made
+    /// since a stream's terminal record spilled (with its older snapshot) are not lost. The
+    /// segment is synced unless the policy is `never`. Returns how many records were written
+    /// and whether the snapshots were (always true without `snapshots`).
     pub fn write_prefix(
         &mut self,
         records: &VecDeque<SpoolRecord>,

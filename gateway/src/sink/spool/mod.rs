@@ -7,7 +7,8 @@
 //! `--spool-spill-after`, so the disk tier is always the older part of the queue and reading
 //! it first keeps the order. Records read back from disk carry a [`Ticket`] (their segment) that
 //! the drain hands back when Kafka settles them; a segment is deleted only when every record
-//! in it is settled.
+//! in it is settled, or at a clean shutdown once its unsettled ones are in the prefix
+//! ([`Spool::persist`]).
 //!
 //! Per-stream order needs nothing more: the drain routes a record to the window only while
 //! its stream has nothing in the spool (see [`super::drain`]), and the spool never reorders.
