@@ -723,17 +723,31 @@ async fn sigterm_during_replay_then_a_restart_gives_one_terminal_with_exact_coun
     let _g = SERIAL.lock().await;
     let dir = TempDir::new("replay-term");
     let mut args = spool_args(&dir);
+    // Room on disk for the whole backlog (the shared settings allow 1 MiB).
+    let m = args.iter().position(|a| a == "--spool-max-bytes").unwrap();
+    args[m + 1] = (64u64 << 20).to_string();
+    // A long linger: the replay of the outage's backlog (~5,000 records on disk, at most
+    // three quarters of the 1 MiB window per produce round trip) takes several 200 ms round
+    // trips, so it is still under way when the second outage begins, however slowly this
+    // test polls.
     args.extend(
-        ["--drain-timeout", "1s", "--flush-timeout", "2s"]
-            .iter()
-            .map(|s| s.to_string()),
+        [
+            "--drain-timeout",
+            "1s",
+            "--flush-timeout",
+            "2s",
+            "--kafka-option",
+            "linger.ms=200",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
     );
     let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let prefix = unique_prefix("spool-replay-term");
     let mut a = Gateway::start_with_prefix(&prefix, &argv);
     let audio = Arc::new(speech());
-    let n = 10u64;
-    let secs = 6;
+    let n = 20u64;
+    let secs = 8;
     let sids: Vec<String> = (0..n).map(|i| sid("MZ", 14_000 + i)).collect();
     let calls = spawn_calls(a.port, &sids, secs, &audio, false);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -800,7 +814,8 @@ async fn sigterm_during_replay_then_a_restart_gives_one_terminal_with_exact_coun
             );
             // The records librdkafka had sent when the broker stopped answering are in the
             // log twice when the broker had appended them (their acknowledgement never came,
-            // so the next process sends them again: at-least-once, one per stream here); the
+            // so the next process sends them again: at-least-once, one linger batch per stream
+            // here); the
             // first copies are in order. Before the fix (decision 44) the second process also
             // re-sent what the first had delivered from the segment it was reading.
             if !seen.insert(chunk) {
