@@ -815,9 +815,9 @@ async fn sigterm_during_replay_then_a_restart_gives_one_terminal_with_exact_coun
             // The records librdkafka had sent when the broker stopped answering are in the
             // log twice when the broker had appended them (their acknowledgement never came,
             // so the next process sends them again: at-least-once, one linger batch per stream
-            // here); the
-            // first copies are in order. Before the fix (decision 44) the second process also
-            // re-sent what the first had delivered from the segment it was reading.
+            // here); the first copies are in order. Before the fix (decision 44) the second
+            // process also re-sent what the first had delivered from the segment it was
+            // reading.
             if !seen.insert(chunk) {
                 dups += 1;
                 continue;
