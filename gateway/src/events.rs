@@ -15,7 +15,7 @@ use crate::metrics::{EventType, ProtocolErrorKind};
 use crate::protocol::Track;
 
 /// The stream identity every event carries.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamIds {
     /// Twilio `streamSid` (`MZ…`); also the Kafka key.
     pub stream_sid: String,

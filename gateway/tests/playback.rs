@@ -263,6 +263,21 @@ fn play(p: &BaseProducer, topic: &str, partition: i32, key: &str, what: Play<'_>
     p.flush(Duration::from_secs(10)).expect("flush playback");
 }
 
+/// Enqueues one second (8,000 bytes) of μ-law playback for `key` (no flush).
+fn play_second(p: &BaseProducer, topic: &str, partition: i32, key: &str) {
+    let second = [0x55u8; 8000];
+    let r = BaseRecord::to(topic)
+        .partition(partition)
+        .key(key)
+        .payload(&second[..])
+        .headers(OwnedHeaders::new().insert(Header {
+            key: "encoding",
+            value: Some(&b"mulaw"[..]),
+        }));
+    p.send(r).map_err(|e| e.0).unwrap();
+    p.poll(Duration::ZERO);
+}
+
 /// The playback route a stream's `start` event names.
 fn route_of(prefix: &str, brokers: &str, stream: &str) -> (String, i32) {
     let events = vec![format!("{prefix}.events")];
@@ -761,18 +776,8 @@ async fn a_socket_that_stops_reading_delays_no_one_and_keeps_its_uplink() {
     let (topic, p_stuck) = route(&gw, &stuck_sid).await;
     let (_, p_healthy) = route(&gw, &healthy.sid).await;
     // Ten minutes of audio for the stuck call: far beyond socket buffers and its 2 s bound.
-    let second = vec![0x55u8; 8000];
     for _ in 0..600 {
-        let r = BaseRecord::to(&topic)
-            .partition(p_stuck)
-            .key(stuck_sid.as_str())
-            .payload(&second[..])
-            .headers(OwnedHeaders::new().insert(Header {
-                key: "encoding",
-                value: Some(&b"mulaw"[..]),
-            }));
-        p.send(r).map_err(|e| e.0).unwrap();
-        p.poll(Duration::ZERO);
+        play_second(&p, &topic, p_stuck, &stuck_sid);
     }
     p.flush(Duration::from_secs(20)).unwrap();
     // The bound holds: most of it is dropped and counted while the stream carries on.
@@ -971,19 +976,10 @@ async fn the_stop_summary_counts_playback_still_queued_at_the_hang_up() {
     let (topic, partition) = route(&gw, &s).await;
     // One-second records for a socket that never reads, until its buffers are full (the
     // bytes written stop growing) and records wait in the queue.
-    let second = vec![0x55u8; 8000];
     let mut last_sent = -1.0;
     for _ in 0..200 {
         for _ in 0..20 {
-            let r = BaseRecord::to(&topic)
-                .partition(partition)
-                .key(s.as_str())
-                .payload(&second[..])
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: "encoding",
-                    value: Some(&b"mulaw"[..]),
-                }));
-            p.send(r).map_err(|e| e.0).unwrap();
+            play_second(&p, &topic, partition, &s);
         }
         p.flush(Duration::from_secs(20)).unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -303,11 +303,11 @@ async fn an_outage_rides_on_disk_and_everything_arrives_once_in_order_bit_exact(
     assert_eq!(left, 0.0, "disk tier empty after the drain");
 }
 
-/// Plays `n` inbound calls of `secs` seconds during a broker outage and waits until the
-/// memory tier has spilled everything, then `kill -9`s the gateway. Returns what
-/// `spool-inspect` lists and the call SIDs.
-async fn outage_then_kill(
-    gw: &mut Gateway,
+/// Plays `n` inbound calls of `secs` seconds (one healthy second, then a broker outage) and
+/// waits until the memory tier has spilled everything to disk. Returns the call SIDs and the
+/// outage (the broker resumes when it is dropped).
+async fn outage_until_spilled(
+    gw: &Gateway,
     first: u64,
     n: u64,
     secs: u64,
@@ -330,10 +330,22 @@ async fn outage_then_kill(
     }
     assert_eq!(gw.metric("gateway_spool_records{tier=\"memory\"}"), 0.0);
     assert!(gw.metric("gateway_spool_records{tier=\"disk\"}") > 0.0);
+    (sids, outage)
+}
+
+/// [`outage_until_spilled`], then `kill -9` of the gateway. Returns the call SIDs and the
+/// outage.
+async fn outage_then_kill(
+    gw: &mut Gateway,
+    first: u64,
+    n: u64,
+    secs: u64,
+) -> (Vec<String>, Outage) {
+    let spilled = outage_until_spilled(gw, first, n, secs).await;
     // Let the writer's buffered bytes reach the file (a process crash keeps what was written).
     tokio::time::sleep(Duration::from_millis(300)).await;
     kill9(gw);
-    (sids, outage)
+    spilled
 }
 
 fn spool_args(dir: &TempDir) -> Vec<String> {
@@ -745,23 +757,9 @@ async fn sigterm_during_replay_then_a_restart_gives_one_terminal_with_exact_coun
     let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let prefix = unique_prefix("spool-replay-term");
     let mut a = Gateway::start_with_prefix(&prefix, &argv);
-    let audio = Arc::new(speech());
-    let n = 20u64;
-    let secs = 8;
-    let sids: Vec<String> = (0..n).map(|i| sid("MZ", 14_000 + i)).collect();
-    let calls = spawn_calls(a.port, &sids, secs, &audio, false);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let outage = Outage::begin();
-    for c in calls {
-        assert_eq!(c.await.unwrap(), secs * 50);
-    }
-    for _ in 0..100 {
-        if a.metric("gateway_spool_records{tier=\"memory\"}") == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(a.metric("gateway_spool_records{tier=\"disk\"}") > 0.0);
+    let audio = speech();
+    let (n, secs) = (20u64, 8);
+    let (sids, outage) = outage_until_spilled(&a, 14_000, n, secs).await;
     // The broker answers again: the replay starts; stop it again as soon as records come
     // back from disk, with segments still on disk.
     drop(outage);

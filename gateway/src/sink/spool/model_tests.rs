@@ -71,6 +71,17 @@ enum Fate {
     Gone,
 }
 
+/// The segment files in `dir`, in id (replay) order.
+fn segment_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "spool"))
+        .collect();
+    segs.sort();
+    segs
+}
+
 struct Harness {
     dir: PathBuf,
     topics: Topics,
@@ -355,13 +366,7 @@ impl Harness {
         let spool = self.spool.take().unwrap();
         drop(spool);
         if cut > 0 {
-            let mut segs: Vec<PathBuf> = std::fs::read_dir(&self.dir)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .filter(|p| p.extension().is_some_and(|e| e == "spool"))
-                .collect();
-            segs.sort();
-            if let Some(last) = segs.last() {
+            if let Some(last) = segment_files(&self.dir).last() {
                 let len = std::fs::metadata(last).unwrap().len();
                 let f = std::fs::OpenOptions::new().write(true).open(last).unwrap();
                 f.set_len(len.saturating_sub(cut as u64)).unwrap();
@@ -580,12 +585,7 @@ fn a_bad_cursor_replays_the_whole_segment_and_is_removed() {
     h.maintain(true);
     // Crash (nothing consumed), then plant bad cursors next to the segments.
     drop(h.spool.take());
-    let mut segs: Vec<PathBuf> = std::fs::read_dir(&h.dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "spool"))
-        .collect();
-    segs.sort();
+    let segs = segment_files(&h.dir);
     assert!(segs.len() >= 3, "{segs:?}");
     let cursor = |seg: &PathBuf| seg.with_extension("cursor");
     let word = |at: u64| {
