@@ -7,16 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use loadtest::audio::ChunkTable;
-use loadtest::scenario::{run, RunConfig, Scenario};
+use loadtest::scenario::{run, run_with, RunConfig, RunOptions, Scenario};
 use loadtest::stream::StreamConfig;
 use loadtest::verify::VerifyConfig;
 use support::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn steady_scenario_with_verification_is_lossless_and_bit_exact() {
-    let gw = Gateway::start("harness", &[]);
+fn config(gw: &Gateway) -> RunConfig {
     let audio = Arc::new(ChunkTable::new(&speech()).expect("fixture"));
-    let cfg = RunConfig {
+    RunConfig {
         url: gw.url(),
         streams: 20,
         ramp_per_sec: 0.0,
@@ -42,8 +40,13 @@ async fn steady_scenario_with_verification_is_lossless_and_bit_exact() {
         metrics_every: Duration::from_secs(1),
         handshake_timeout: Duration::from_secs(5),
         progress: false,
-    };
-    let report = run(Scenario::Steady, cfg).await.expect("run");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_scenario_with_verification_is_lossless_and_bit_exact() {
+    let gw = Gateway::start("harness", &[]);
+    let report = run(Scenario::Steady, config(&gw)).await.expect("run");
     assert_eq!(report.streams.completed, 20, "{:?}", report.streams);
     assert_eq!(report.streams.failed, 0);
     let v = report.verification.expect("verification ran");
@@ -63,4 +66,50 @@ async fn steady_scenario_with_verification_is_lossless_and_bit_exact() {
     assert_eq!(v.start_events, 20);
     assert_eq!(v.end_events, 20);
     assert!(v.latency.count >= t.expected);
+}
+
+/// `--verify-after-load`: nothing is fetched while the streams run (the consumer's lag at the
+/// last sample before the end covers most of the run), then everything is read back and
+/// checked exactly as above; latency is not measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_after_the_load_reads_nothing_during_it_and_checks_everything() {
+    let gw = Gateway::start("harness-after", &[]);
+    let opts = RunOptions {
+        verify_after_load: true,
+        lag_every: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let report = run_with(Scenario::Steady, config(&gw), opts)
+        .await
+        .expect("run");
+    assert_eq!(report.streams.completed, 20, "{:?}", report.streams);
+    let v = report.verification.expect("verification ran");
+    let t = &v.total;
+    assert_eq!(t.expected, 20 * 100 * 2);
+    assert_eq!(t.received, t.expected, "received");
+    assert_eq!(
+        (
+            t.missing,
+            t.duplicated,
+            t.out_of_order,
+            t.pcm_mismatches,
+            t.unexpected
+        ),
+        (0, 0, 0, 0, 0)
+    );
+    assert_eq!((v.start_events, v.end_events), (20, 20));
+    assert!(v.read_after_load);
+    assert_eq!(
+        v.latency.count, 0,
+        "no latency from records read after the load"
+    );
+    // 4,000 audio records and the events were produced while the consumer fetched nothing: the
+    // lag sampler saw the backlog build up (sampled every 100 ms over a ~1.5 s run, so its
+    // largest sample is at least most of it), then drained.
+    let lag = &v.harness.consumer_lag;
+    assert!(lag.max_records >= 3_000, "{lag:?}");
+    assert_eq!(v.audio_records, 4_000);
+    let events: u64 = v.events.values().sum();
+    assert!(events >= 40, "{:?}", v.events);
+    assert_eq!(v.harness.records_received, v.audio_records + events);
 }

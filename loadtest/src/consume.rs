@@ -72,6 +72,20 @@ pub fn assign_at_end_skipping(
     only_partition: Option<i32>,
     skip: &[usize],
 ) -> Result<Assignment, KafkaError> {
+    let (out, tpl) = plan_at_end_skipping(consumer, topics, only_partition, skip)?;
+    consumer.assign(&tpl)?;
+    Ok(out)
+}
+
+/// What [`assign_at_end_skipping`] would assign, without assigning: the start offsets are
+/// the high watermarks of now, and the list can be given to `assign` later (a consumer that
+/// must not fetch while a load runs, yet must read everything produced from now on).
+pub fn plan_at_end_skipping(
+    consumer: &BaseConsumer,
+    topics: &[String],
+    only_partition: Option<i32>,
+    skip: &[usize],
+) -> Result<(Assignment, TopicPartitionList), KafkaError> {
     let mut tpl = TopicPartitionList::new();
     let mut out = Assignment {
         topics: topics.to_vec(),
@@ -102,8 +116,7 @@ pub fn assign_at_end_skipping(
             out.partitions.push((ti, p, high));
         }
     }
-    consumer.assign(&tpl)?;
-    Ok(out)
+    Ok((out, tpl))
 }
 
 /// Converts monotonic instants to unix microseconds through one anchor pair, so receipt

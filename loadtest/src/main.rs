@@ -208,6 +208,12 @@ struct Common {
     /// reader beside the echo bot.
     #[arg(long)]
     no_verify_inbound: bool,
+    /// Read back and verify only after the load has ended (the consumer is assigned at the
+    /// watermarks of the start but fetches nothing while streams run): every count is still
+    /// exact, latency is not measured. For CPU measurements of the server that must not
+    /// share the machine with the verifier's reading (steady, soak and burst only).
+    #[arg(long)]
+    verify_after_load: bool,
     /// Seconds to wait for late records after the last stream.
     #[arg(long, default_value_t = 5.0)]
     grace: f64,
@@ -334,6 +340,21 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, RunOptions, &Common), Vec<St
     if c.latency_probe && c.verify_brokers.is_none() {
         errs.push("--latency-probe needs --verify-brokers".into());
     }
+    if c.verify_after_load {
+        if c.verify_brokers.is_none() {
+            errs.push("--verify-after-load needs --verify-brokers".into());
+        }
+        if c.latency_probe {
+            errs.push("--verify-after-load measures no latency: drop --latency-probe".into());
+        }
+        if matches!(scenario, Scenario::Ramp(_) | Scenario::Bidirectional(_)) {
+            errs.push(
+                "--verify-after-load is for steady, soak and burst (ramp steps and the echo \
+                 bot need records as they arrive)"
+                    .into(),
+            );
+        }
+    }
     let probe_partition = match c.latency_probe_partition.as_str() {
         "auto" => None,
         n => match n.parse::<i32>() {
@@ -432,6 +453,7 @@ fn build(cmd: &Cmd) -> Result<(Scenario, RunConfig, RunOptions, &Common), Vec<St
         verify_queue: c.verify_queue.max(1),
         verify_fetch_wait_ms: c.verify_fetch_wait_ms,
         verify_inbound: !c.no_verify_inbound,
+        verify_after_load: c.verify_after_load,
     };
     Ok((scenario, cfg, opts, c))
 }

@@ -282,12 +282,19 @@ impl Report {
                 "  kafka streams          registered={} start_events={} end_events={} gateway frames_published={} frames_dropped={}",
                 v.streams, v.start_events, v.end_events, v.gateway_frames_published, v.gateway_frames_dropped
             );
-            let label = if v.flood_latency_from_start {
-                "e2e latency (from start)"
+            if v.read_after_load {
+                let _ = writeln!(
+                    s,
+                    "  end-to-end latency     not measured: read back after the load (--verify-after-load)"
+                );
             } else {
-                "end-to-end latency"
-            };
-            s.push_str(&pct_line(label, &v.latency));
+                let label = if v.flood_latency_from_start {
+                    "e2e latency (from start)"
+                } else {
+                    "end-to-end latency"
+                };
+                s.push_str(&pct_line(label, &v.latency));
+            }
             let h = &v.harness;
             s.push_str(&pct_line("  receipt → verified", &h.receipt_to_verify));
             let _ = writeln!(

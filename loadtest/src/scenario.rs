@@ -74,6 +74,8 @@ pub struct RunOptions {
     pub verify_fetch_wait_ms: u32,
     /// Verify the inbound audio topic (see [`VerifyOptions::inbound_audio`]).
     pub verify_inbound: bool,
+    /// Read back only after the load (see [`VerifyOptions::after_load`]).
+    pub verify_after_load: bool,
 }
 
 impl Default for RunOptions {
@@ -85,6 +87,7 @@ impl Default for RunOptions {
             verify_queue: v.queue_capacity,
             verify_fetch_wait_ms: v.fetch_wait_ms,
             verify_inbound: v.inbound_audio,
+            verify_after_load: v.after_load,
         }
     }
 }
@@ -209,6 +212,7 @@ impl Harness {
                     queue_capacity: opts.verify_queue,
                     fetch_wait_ms: opts.verify_fetch_wait_ms,
                     inbound_audio: opts.verify_inbound,
+                    after_load: opts.verify_after_load,
                 };
                 let started =
                     tokio::task::spawn_blocking(move || KafkaVerifier::start_with(&v, audio, &vo))

@@ -16,10 +16,17 @@
 //! separate client) are all reported ([`HarnessLag`]). With a [`ProbeConfig`], a separate
 //! light consumer on one partition ([`crate::probe`]) times the same records without any
 //! verification, and [`LatencyAttribution`] puts the two side by side.
+//!
+//! With [`VerifyOptions::after_load`] the consumer is not even assigned until the load has
+//! ended: the start offsets are still the watermarks captured before the run, but nothing is
+//! fetched while streams run, so a CPU measurement of the server is not shared with the
+//! verifier's reading and the broker's serving of it (what a server that nobody reads back,
+//! such as the Kafka floor, enjoys). Everything is still read and checked, after the load;
+//! latency is then not measured (the summary says so: `read_after_load`).
 
 use crate::audio::{ChunkTable, CHUNK_BYTES, ULAW_TO_PCM};
 use crate::consume::{
-    assign_at_end_skipping, low_latency_consumer, topic_index, ConsumerLag, LagSampler, LagTracker,
+    low_latency_consumer, plan_at_end_skipping, topic_index, ConsumerLag, LagSampler, LagTracker,
     RawRecord,
 };
 use crate::message::Track;
@@ -27,8 +34,9 @@ use crate::pacing::CHUNK_PERIOD;
 use crate::probe::{LatencyProbe, ProbeConfig, ProbeSummary};
 use crate::stats::{chart_buckets, new_histogram, Percentiles};
 use hdrhistogram::Histogram;
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
+use rdkafka::TopicPartitionList;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -296,6 +304,9 @@ pub struct VerifySummary {
     pub inbound_not_verified: bool,
     /// Latency is measured from stream start because the run was in flood mode.
     pub flood_latency_from_start: bool,
+    /// Nothing was read while the load ran ([`VerifyOptions::after_load`]): every count is
+    /// exact, `latency` is empty (not measured).
+    pub read_after_load: bool,
     /// The verifying consumer's own lag: what part of `latency` is the harness.
     pub harness: HarnessLag,
     /// The full verifier's latency restricted to the latency probe's partition (the same
@@ -508,6 +519,9 @@ impl Ledger {
             if !ok {
                 t.mismatched += 1;
             }
+            if self.summary.read_after_load {
+                continue; // read after the load: a receipt time says nothing about latency
+            }
             // Latency against the schedule of this chunk.
             let due = chunk_due(&s.reg, chunk);
             let us = (at.saturating_duration_since(due).as_micros() as u64).clamp(1, 3_600_000_000);
@@ -674,6 +688,11 @@ pub struct VerifyOptions {
     /// nor missing and the summary says so (`inbound_not_verified`): for runs that measure
     /// something else and cannot afford the broker load of a second full uplink reader.
     pub inbound_audio: bool,
+    /// Assign the consumer only when the load has ended ([`KafkaVerifier::finish`]), then
+    /// read and check everything from the watermarks captured at the start. Latency is not
+    /// measured; the grace period counts from the last record read, not from the end of the
+    /// load (reading a whole run back takes a while).
+    pub after_load: bool,
 }
 
 impl Default for VerifyOptions {
@@ -684,6 +703,7 @@ impl Default for VerifyOptions {
             queue_capacity: 65_536,
             fetch_wait_ms: 10,
             inbound_audio: true,
+            after_load: false,
         }
     }
 }
@@ -716,6 +736,8 @@ impl Default for VerifyProgress {
 /// verification thread that owns the [`Ledger`], a lag sampler, and optionally the probe.
 pub struct KafkaVerifier {
     tx: mpsc::Sender<RegMsg>,
+    /// Set when the load has ended: a deferred consume loop assigns and starts reading.
+    go: Arc<AtomicBool>,
     progress: Arc<VerifyProgress>,
     thread: std::thread::JoinHandle<VerifySummary>,
     probe: Option<LatencyProbe>,
@@ -752,7 +774,15 @@ impl KafkaVerifier {
         // Topic 0 (inbound audio) is not read when its verification is off; the indices
         // stay as they are.
         let skip: &[usize] = if opts.inbound_audio { &[] } else { &[0] };
-        let assignment = assign_at_end_skipping(&consumer, &topics, None, skip)?;
+        let (assignment, tpl) = plan_at_end_skipping(&consumer, &topics, None, skip)?;
+        // Deferred: assigned by the consume loop once `go` is set (see the module docs).
+        let deferred = if opts.after_load {
+            Some(tpl)
+        } else {
+            consumer.assign(&tpl)?;
+            None
+        };
+        let go = Arc::new(AtomicBool::new(false));
         let tracker = Arc::new(LagTracker::new(&assignment));
         let sampler = LagSampler::start(&cfg.brokers, tracker.clone(), opts.lag_every, "verify")?;
         let probe = match &opts.latency_probe {
@@ -770,6 +800,8 @@ impl KafkaVerifier {
         let sampled = probe.as_ref().map(LatencyProbe::partition);
         let missing_topics = assignment.missing_topics.clone();
         let inbound_audio = opts.inbound_audio;
+        let after_load = opts.after_load;
+        let go_rx = go.clone();
         let thread = std::thread::Builder::new()
             .name("verify".into())
             .spawn(move || {
@@ -780,12 +812,20 @@ impl KafkaVerifier {
                     std::thread::Builder::new()
                         .name("verify-rx".into())
                         .spawn(move || {
-                            receive_loop(&consumer, &topics, &tracker, &rec_tx, &stop, &prog)
+                            let mut st = ReceiveStats::default();
+                            if let Some(tpl) = deferred {
+                                if !wait_and_assign(&consumer, &tpl, &go_rx, &stop) {
+                                    st.errors += 1;
+                                    return st;
+                                }
+                            }
+                            receive_loop(&consumer, &topics, &tracker, &rec_tx, &stop, &prog, st)
                         })
                 };
                 let mut ledger = Ledger::new(audio);
                 ledger.summary.missing_topics = missing_topics;
                 ledger.summary.inbound_not_verified = !inbound_audio;
+                ledger.summary.read_after_load = after_load;
                 ledger.mirror = Some(prog.clone());
                 let Ok(rx_thread) = rx_thread else {
                     ledger.summary.consumer_errors += 1;
@@ -795,6 +835,7 @@ impl KafkaVerifier {
                     ledger,
                     regs: rx,
                     deadline: None,
+                    idle_grace: None,
                     progress: prog,
                     queue_delay: new_histogram(),
                     max_depth: 0,
@@ -832,6 +873,7 @@ impl KafkaVerifier {
             })?;
         Ok(KafkaVerifier {
             tx,
+            go,
             progress,
             thread,
             probe,
@@ -854,6 +896,7 @@ impl KafkaVerifier {
 
     /// Waits up to `grace` for outstanding records and returns the results. Blocking.
     pub fn finish(self, grace: Duration) -> VerifySummary {
+        self.go.store(true, Ordering::Relaxed);
         let _ = self.tx.send(RegMsg::Finish { grace });
         let mut summary = self.thread.join().unwrap_or_default();
         if let Some(p) = self.probe {
@@ -865,6 +908,23 @@ impl KafkaVerifier {
     }
 }
 
+/// A deferred consume loop's wait: assigns `tpl` once `go` is set. False when stopped first
+/// or when the assignment fails.
+fn wait_and_assign(
+    consumer: &BaseConsumer,
+    tpl: &TopicPartitionList,
+    go: &AtomicBool,
+    stop: &AtomicBool,
+) -> bool {
+    while !go.load(Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    consumer.assign(tpl).is_ok()
+}
+
 /// The consume loop: poll, stamp, copy, hand over. Nothing else happens here.
 fn receive_loop(
     consumer: &BaseConsumer,
@@ -873,8 +933,8 @@ fn receive_loop(
     tx: &mpsc::SyncSender<RawRecord>,
     stop: &AtomicBool,
     progress: &VerifyProgress,
+    mut st: ReceiveStats,
 ) -> ReceiveStats {
-    let mut st = ReceiveStats::default();
     while !stop.load(Ordering::Relaxed) {
         let Some(res) = consumer.poll(Duration::from_millis(20)) else {
             continue;
@@ -913,6 +973,8 @@ struct Verification {
     ledger: Ledger,
     regs: mpsc::Receiver<RegMsg>,
     deadline: Option<Instant>,
+    /// After-load verification: the grace period, restarted by every record read.
+    idle_grace: Option<Duration>,
     progress: Arc<VerifyProgress>,
     queue_delay: Histogram<u64>,
     max_depth: u64,
@@ -925,7 +987,12 @@ impl Verification {
     fn drain_regs(&mut self) {
         while let Ok(m) = self.regs.try_recv() {
             match m {
-                RegMsg::Finish { grace } => self.deadline = Some(Instant::now() + grace),
+                RegMsg::Finish { grace } => {
+                    self.deadline = Some(Instant::now() + grace);
+                    if self.ledger.summary.read_after_load {
+                        self.idle_grace = Some(grace);
+                    }
+                }
                 other => self.ledger.apply(other),
             }
         }
@@ -949,7 +1016,12 @@ impl Verification {
                 }
             }
             match records.recv_timeout(Duration::from_millis(20)) {
-                Ok(r) => self.record(r),
+                Ok(r) => {
+                    self.record(r);
+                    if let (Some(g), Some(_)) = (self.idle_grace, self.deadline) {
+                        self.deadline = Some(Instant::now() + g);
+                    }
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
