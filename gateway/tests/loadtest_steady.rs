@@ -12,7 +12,7 @@ use loadtest::stream::StreamConfig;
 use loadtest::verify::VerifyConfig;
 use support::*;
 
-fn config(gw: &Gateway) -> RunConfig {
+fn config(gw: &Gateway, speed: f64) -> RunConfig {
     let audio = Arc::new(ChunkTable::new(&speech()).expect("fixture"));
     RunConfig {
         url: gw.url(),
@@ -21,7 +21,7 @@ fn config(gw: &Gateway) -> RunConfig {
         stream: StreamConfig {
             both_tracks: true,
             chunks: Some(100),
-            speed: 4.0,
+            speed,
             flood: false,
             dtmf_at: Some(30),
             mark_at: Some(60),
@@ -46,7 +46,7 @@ fn config(gw: &Gateway) -> RunConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_scenario_with_verification_is_lossless_and_bit_exact() {
     let gw = Gateway::start("harness", &[]);
-    let report = run(Scenario::Steady, config(&gw)).await.expect("run");
+    let report = run(Scenario::Steady, config(&gw, 4.0)).await.expect("run");
     assert_eq!(report.streams.completed, 20, "{:?}", report.streams);
     assert_eq!(report.streams.failed, 0);
     let v = report.verification.expect("verification ran");
@@ -79,7 +79,7 @@ async fn verification_after_the_load_reads_nothing_during_it_and_checks_everythi
         lag_every: Duration::from_millis(100),
         ..Default::default()
     };
-    let report = run_with(Scenario::Steady, config(&gw), opts)
+    let report = run_with(Scenario::Steady, config(&gw, 1.0), opts)
         .await
         .expect("run");
     assert_eq!(report.streams.completed, 20, "{:?}", report.streams);
@@ -104,10 +104,11 @@ async fn verification_after_the_load_reads_nothing_during_it_and_checks_everythi
         "no latency from records read after the load"
     );
     // 4,000 audio records and the events were produced while the consumer fetched nothing: the
-    // lag sampler saw the backlog build up (sampled every 100 ms over a ~1.5 s run, so its
-    // largest sample is at least most of it), then drained.
+    // lag sampler (every 100 ms over 2 s of real-time calls) saw the backlog build up to most
+    // of them before the read-back drained it. A verifier reading during the load (10 ms
+    // fetch wait) stays within a few hundred records of the high watermarks.
     let lag = &v.harness.consumer_lag;
-    assert!(lag.max_records >= 3_000, "{lag:?}");
+    assert!(lag.max_records >= 2_000, "{lag:?}");
     assert_eq!(v.audio_records, 4_000);
     let events: u64 = v.events.values().sum();
     assert!(events >= 40, "{:?}", v.events);
