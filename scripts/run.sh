@@ -27,7 +27,14 @@ fi
 cargo build --release -p gateway
 # Local runs accept unsigned streams; a --twilio-auth-token (or GATEWAY_TWILIO_AUTH_TOKEN) plus
 # --public-url among the arguments turns signature checks on (a token overrides the flag).
-exec_args=(--brokers "127.0.0.1:$BROKER_PORT" --create-topics --insecure-skip-signature "$@")
+exec_args=(--brokers "127.0.0.1:$BROKER_PORT" --create-topics --insecure-skip-signature)
+# Tansu sleeps out a fetch's whole wait even when records are there, so against it the
+# playback fetch wait is the playback latency floor: 5 ms here (the gateway's default, 100 ms,
+# is for Apache Kafka, which answers a waiting fetch as soon as a record arrives; decision 47).
+if [[ -z "${GATEWAY_PLAYBACK_FETCH_WAIT:-}" && " $* " != *" --playback-fetch-wait"* ]]; then
+  exec_args+=(--playback-fetch-wait 5ms)
+fi
+exec_args+=("$@")
 "$ROOT/target/release/gateway" "${exec_args[@]}" &
 GW_PID=$!
 trap 'kill -TERM $GW_PID 2>/dev/null; wait $GW_PID; cleanup' INT TERM

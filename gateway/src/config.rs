@@ -139,6 +139,13 @@ pub struct RunArgs {
     /// Playback audio queued for all streams together, bytes of μ-law [default: 268435456].
     #[arg(long, env = "GATEWAY_PLAYBACK_MAX_BYTES")]
     pub playback_max_bytes: Option<u64>,
+    /// Longest a playback fetch waits at the broker for new records (`fetch.wait.max.ms` of
+    /// the playback consumer), e.g. `100ms`. Apache Kafka answers a fetch as soon as a record
+    /// arrives, so the wait costs no latency there and a short one only burns fetches; the
+    /// local Tansu broker sleeps it out on every fetch, so `scripts/run.sh` sets 5ms
+    /// [default: 100ms].
+    #[arg(long, env = "GATEWAY_PLAYBACK_FETCH_WAIT")]
+    pub playback_fetch_wait: Option<String>,
     /// Output profile `name[:rate=16000,format=s16le|f32le,layout=mono|stereo]`, repeatable;
     /// each publishes to its own topics `<prefix>.audio.<name>.inbound|outbound` (mono) or
     /// `<prefix>.audio.<name>.stereo`. Environment: `GATEWAY_PROFILES`, one per line
@@ -248,6 +255,7 @@ struct FileConfig {
     instance_count: Option<u32>,
     playback_buffer: Option<String>,
     playback_max_bytes: Option<u64>,
+    playback_fetch_wait: Option<String>,
     frames_per_record: Option<u32>,
     profile: Option<Vec<String>>,
     audio_encoding: Option<String>,
@@ -576,6 +584,12 @@ impl Config {
             args.playback_buffer,
             file.playback_buffer,
             "60s",
+        );
+        let playback_fetch_wait = dur(
+            "playback-fetch-wait",
+            args.playback_fetch_wait,
+            file.playback_fetch_wait,
+            "100ms",
         );
 
         let brokers = args
@@ -993,12 +1007,21 @@ impl Config {
                 "--playback-max-bytes {playback_max_bytes} is below one stream's --playback-buffer ({per_stream_bytes} bytes)"
             ));
         }
+        // librdkafka takes whole milliseconds, at least 1 (0 would spin on empty fetches).
+        let fetch_wait_ms = playback_fetch_wait.as_millis();
+        if !(1..=10_000).contains(&fetch_wait_ms) {
+            errors.push(format!(
+                "--playback-fetch-wait: {} ms is outside 1ms..=10s",
+                fetch_wait_ms
+            ));
+        }
         let playback = PlaybackConfig {
             enabled: playback_enabled,
             topic: format!("{topic_prefix}.playback"),
             partitions,
             per_stream_bytes,
             total_bytes: playback_max_bytes,
+            fetch_wait_ms: fetch_wait_ms.clamp(1, 10_000) as u32,
         };
         let session = SessionConfig {
             frames_per_record,
@@ -1191,6 +1214,10 @@ impl Config {
                 q(&format!("{}ms", self.playback.per_stream_bytes / 8)),
             ),
             ("playback_max_bytes", self.playback.total_bytes.to_string()),
+            (
+                "playback_fetch_wait",
+                q(&format!("{}ms", self.playback.fetch_wait_ms)),
+            ),
             (
                 "spool_dir",
                 q(&sink
@@ -1454,6 +1481,8 @@ mod tests {
                 "--playback-partitions",
                 "0-2,5",
                 "--playback=false",
+                "--playback-fetch-wait",
+                "7ms",
                 "--worker-threads",
                 "3",
                 "--io-pace",
@@ -1584,6 +1613,21 @@ mod tests {
         );
         assert_eq!(w.playback.partitions, n.playback.partitions);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn playback_fetch_wait() {
+        assert_eq!(parse(&[]).unwrap().playback.fetch_wait_ms, 100);
+        let c = parse(&["--playback-fetch-wait", "5ms"]).unwrap();
+        assert_eq!(c.playback.fetch_wait_ms, 5);
+        assert!(c.to_toml().contains("playback_fetch_wait = \"5ms\""));
+        for bad in ["0ms", "0.5ms", "11s"] {
+            let errs = parse(&["--playback-fetch-wait", bad]).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.contains("--playback-fetch-wait")),
+                "{bad}: {errs:?}"
+            );
+        }
     }
 
     #[test]

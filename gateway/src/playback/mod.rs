@@ -46,6 +46,8 @@ pub struct PlaybackConfig {
     pub per_stream_bytes: u64,
     /// Process-wide bound on queued audio, bytes of μ-law (`--playback-max-bytes`).
     pub total_bytes: u64,
+    /// `fetch.wait.max.ms` of the playback consumer (`--playback-fetch-wait`).
+    pub fetch_wait_ms: u32,
 }
 
 /// A routing-table change sent by connections to the consumer thread.
@@ -156,6 +158,7 @@ impl Playback {
         let handle = consumer::spawn(
             kafka,
             &cfg.topic,
+            cfg.fetch_wait_ms,
             &owned,
             rx,
             bounds.clone(),

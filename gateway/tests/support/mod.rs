@@ -188,8 +188,14 @@ impl Gateway {
         .args(["--brokers", &brokers, "--topic-prefix", &prefix])
         // Unsigned test clients; a token in `extra` turns validation on regardless.
         .arg("--insecure-skip-signature");
-        // Defaults the caller may override (clap refuses a flag given twice).
-        for (flag, value) in [("--topic-partitions", "3"), ("--gateway-id", "gw-test")] {
+        // Defaults the caller may override (clap refuses a flag given twice). The test broker
+        // is Tansu, which sleeps out every fetch's wait: a short playback fetch wait, as
+        // `scripts/run.sh` sets for it.
+        for (flag, value) in [
+            ("--topic-partitions", "3"),
+            ("--gateway-id", "gw-test"),
+            ("--playback-fetch-wait", "5ms"),
+        ] {
             if !extra.contains(&flag) {
                 cmd.args([flag, value]);
             }
