@@ -21,11 +21,15 @@ bench_prepare
 BP=29692; GP=28680; AP=29680
 TICK=$(getconf CLK_TCK)
 mkdir -p bench/results
+# The playback fetch wait scripts/run.sh sets for Tansu (decision 47), so this measures the
+# local-broker configuration the main job runs.
+FETCH_WAIT="--playback-fetch-wait 5ms"
+[[ "${GATEWAY_ARGS:-}" == *--playback-fetch-wait* ]] && FETCH_WAIT=""
 for L in $LINGERS; do
   start_broker $BP
   B=$!
   target/release/gateway --listen 127.0.0.1:$GP --admin-listen 127.0.0.1:$AP --brokers 127.0.0.1:$BP \
-    --insecure-skip-signature --log-level warn --topic-prefix "lc$L" \
+    --insecure-skip-signature --log-level warn --topic-prefix "lc$L" $FETCH_WAIT \
     ${GATEWAY_ARGS:-} $( [ "$L" = default ] || echo "--kafka-option linger.ms=$L" ) >/dev/null 2>&1 &
   G=$!
   wait_ready $AP $G
