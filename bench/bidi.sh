@@ -26,9 +26,7 @@ mkdir -p bench/results
 OUT="bench/results/bidi-$STREAMS-$(date +%Y%m%d-%H%M%S).json"
 start_broker $BP
 B=$!
-# Tansu sleeps out every fetch's wait: the playback fetch wait run.sh sets for it (decision 47).
-FETCH_WAIT="--playback-fetch-wait 5ms"
-[[ "${GATEWAY_ARGS:-}" == *--playback-fetch-wait* ]] && FETCH_WAIT=""
+FETCH_WAIT=$(tansu_fetch_wait "${GATEWAY_ARGS:-}")
 # shellcheck disable=SC2086
 target/release/gateway --listen 127.0.0.1:$GP --admin-listen 127.0.0.1:$AP --brokers 127.0.0.1:$BP \
   --insecure-skip-signature --log-level warn --topic-prefix bidi $FETCH_WAIT ${GATEWAY_ARGS:-} \

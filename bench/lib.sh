@@ -29,3 +29,9 @@ wait_ready() {
     sleep 0.2
   done
 }
+
+# The playback fetch wait scripts/run.sh sets for Tansu, which sleeps out every fetch's wait
+# (decision 47), unless the caller's gateway flags ($1) choose one.
+tansu_fetch_wait() {
+  [[ "${1:-}" == *--playback-fetch-wait* ]] || echo "--playback-fetch-wait 5ms"
+}

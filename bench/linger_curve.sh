@@ -21,10 +21,7 @@ bench_prepare
 BP=29692; GP=28680; AP=29680
 TICK=$(getconf CLK_TCK)
 mkdir -p bench/results
-# The playback fetch wait scripts/run.sh sets for Tansu (decision 47), so this measures the
-# local-broker configuration the main job runs.
-FETCH_WAIT="--playback-fetch-wait 5ms"
-[[ "${GATEWAY_ARGS:-}" == *--playback-fetch-wait* ]] && FETCH_WAIT=""
+FETCH_WAIT=$(tansu_fetch_wait "${GATEWAY_ARGS:-}")
 for L in $LINGERS; do
   start_broker $BP
   B=$!
