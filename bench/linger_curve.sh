@@ -3,7 +3,9 @@
 # STREAMS real-time calls for SECS with full verification and the sampled latency probe.
 # Usage: bench/linger_curve.sh [STREAMS=500] [SECS=60] [LINGERS="5 10 20 50"] [TRACKS=both]
 #   env GATEWAY_ARGS / LOADTEST_ARGS: extra flags (e.g. LOADTEST_ARGS="--verify-fetch-wait-ms
-#   100" keeps the full verifier's fetches off the broker the probe measures).
+#   100" keeps the full verifier's fetches off the broker the probe measures;
+#   LOADTEST_ARGS="--verify-after-load" keeps them off entirely: the probe alone reads live and
+#   everything is verified after the load).
 # Prints per value: e2e p50/p99 (verifier, and the independent probe), harness lag, gateway
 # CPU µs per media message, loss; then the probe's p99 per 10 s window and the gateway's own
 # receive → broker ack p99 (Prometheus bucket bound) per 10 s scrape, to see when and where a
@@ -45,7 +47,9 @@ v = r["verification"]; t = v["total"]; lat = v["latency"]
 p = (v.get("probe") or {}).get("send_to_receipt") or {}
 h = v["harness"]["receipt_to_verify"]
 msgs = r["media_sent"]
-print(f"linger {L}: e2e p50 {lat.get('p50_ms')} p99 {lat.get('p99_ms')} ms | probe p50 {p.get('p50_ms')} p99 {p.get('p99_ms')} ms "
+e2e = ("read back after the load" if v.get("read_after_load")
+       else f"e2e p50 {lat.get('p50_ms')} p99 {lat.get('p99_ms')} ms")
+print(f"linger {L}: {e2e} | probe p50 {p.get('p50_ms')} p99 {p.get('p99_ms')} ms "
       f"| harness receipt->verify p99 {h.get('p99_ms')} ms | gateway {cpu*1e6/max(msgs,1):.2f} us/msg "
       f"| missing {t['missing']} dup {t['duplicated']} ooo {t['out_of_order']} mismatch {t['pcm_mismatches']}")
 w = (v.get("probe") or {}).get("windows") or []

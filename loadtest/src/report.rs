@@ -285,7 +285,7 @@ impl Report {
             if v.read_after_load {
                 let _ = writeln!(
                     s,
-                    "  end-to-end latency     not measured: read back after the load (--verify-after-load)"
+                    "  end-to-end latency     not measured by the verifier: read back after the load (--verify-after-load; the probe below, if any, read live)"
                 );
             } else {
                 let label = if v.flood_latency_from_start {

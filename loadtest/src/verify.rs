@@ -22,7 +22,10 @@
 //! fetched while streams run, so a CPU measurement of the server is not shared with the
 //! verifier's reading and the broker's serving of it (what a server that nobody reads back,
 //! such as the Kafka floor, enjoys). Everything is still read and checked, after the load;
-//! latency is then not measured (the summary says so: `read_after_load`).
+//! the verifier then measures no latency (the summary says so: `read_after_load`). A
+//! [`ProbeConfig`] still runs live beside it: its one partition is the only thing read while
+//! the load runs, so the latency figure comes from the light consumer alone (no
+//! [`LatencyAttribution`] then: the verifier has no figure to compare).
 
 use crate::audio::{ChunkTable, CHUNK_BYTES, ULAW_TO_PCM};
 use crate::consume::{
@@ -901,7 +904,9 @@ impl KafkaVerifier {
         let mut summary = self.thread.join().unwrap_or_default();
         if let Some(p) = self.probe {
             let ps = p.finish();
-            summary.attribution = Some(LatencyAttribution::of(&summary, &ps));
+            if !summary.read_after_load {
+                summary.attribution = Some(LatencyAttribution::of(&summary, &ps));
+            }
             summary.probe = Some(ps);
         }
         summary
