@@ -25,6 +25,9 @@ pub fn readiness(ctx: &ServerContext) -> Result<(), &'static str> {
     if !ctx.sink.brokers_reachable() {
         return Err("brokers unreachable");
     }
+    if !ctx.sink.producer_warm() {
+        return Err("kafka producer starting (no broker connection or producer id yet)");
+    }
     if !ctx.sink.producer_healthy() {
         return Err("kafka producer failed fatally and is being rebuilt");
     }

@@ -52,6 +52,14 @@ impl EventCount {
     }
 }
 
+/// Whether `config` has librdkafka emit statistics (what sets the producer's warm flag).
+pub fn statistics_enabled(config: &rdkafka::ClientConfig) -> bool {
+    config
+        .get("statistics.interval.ms")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|ms| ms > 0)
+}
+
 /// Producer context: notes for the drain, metrics from statistics, the fatal flag.
 pub struct DeliveryContext {
     metrics: Arc<Metrics>,
@@ -59,15 +67,30 @@ pub struct DeliveryContext {
     pub events: EventCount,
     /// Set when librdkafka reports a fatal error.
     pub fatal: AtomicBool,
+    /// Set (once, never cleared) by the first statistics showing the producer able to
+    /// send: see [`producer_can_send`]. Shared with the sink for `/readyz`.
+    warm: Arc<AtomicBool>,
+}
+
+/// Whether librdkafka's statistics show a producer that can send right away: a broker
+/// connection up and, for an idempotent producer, its producer id assigned. Until then
+/// records wait inside librdkafka (seen at start-up: the first ~0.5 s of records acknowledged
+/// 200–470 ms late while the id was being requested), so `/readyz` holds off new calls.
+pub fn producer_can_send(s: &Statistics) -> bool {
+    let broker_up = s.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
+    let pid = s.eos.as_ref().is_none_or(|e| e.idemp_state == "Assigned");
+    broker_up && pid
 }
 
 impl DeliveryContext {
     /// A context reporting into `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    /// `warm` is set once the statistics show the producer able to send.
+    pub fn new(metrics: Arc<Metrics>, warm: Arc<AtomicBool>) -> Self {
         DeliveryContext {
             metrics,
             events: EventCount::default(),
             fatal: AtomicBool::new(false),
+            warm,
         }
     }
 }
@@ -78,6 +101,10 @@ impl ClientContext for DeliveryContext {
         let m = &self.metrics;
         m.kafka_queue_messages.set(s.msg_cnt as i64);
         m.kafka_queue_bytes.set(s.msg_size as i64);
+        if !self.warm.load(Ordering::Relaxed) && producer_can_send(&s) {
+            self.warm.store(true, Ordering::Relaxed);
+            tracing::info!("kafka producer ready (broker connection up, producer id assigned)");
+        }
         for b in s.brokers.values() {
             if b.nodeid < 0 {
                 continue; // bootstrap placeholder entries
@@ -117,5 +144,79 @@ impl ProducerContext for DeliveryContext {
                 .unwrap_or(RDKafkaErrorCode::Unknown)),
         };
         NOTES.with(|n| n.borrow_mut().push(DeliveryNote { opaque, result }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::statistics::{Broker, ExactlyOnceSemantics};
+
+    fn stats(brokers: &[(i32, &str)], idemp: Option<&str>) -> Statistics {
+        Statistics {
+            brokers: brokers
+                .iter()
+                .map(|(id, state)| {
+                    let name = format!("127.0.0.1:9092/{id}");
+                    let b = Broker {
+                        name: name.clone(),
+                        nodeid: *id,
+                        state: state.to_string(),
+                        ..Default::default()
+                    };
+                    (name, b)
+                })
+                .collect(),
+            eos: idemp.map(|st| ExactlyOnceSemantics {
+                idemp_state: st.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn producer_can_send_needs_a_broker_up_and_the_producer_id() {
+        // Start-up as librdkafka reports it: only the bootstrap placeholder (-1) is up.
+        assert!(!producer_can_send(&stats(&[(-1, "UP")], Some("Init"))));
+        assert!(!producer_can_send(&stats(
+            &[(-1, "UP"), (1, "UP")],
+            Some("WaitPID")
+        )));
+        assert!(!producer_can_send(&stats(
+            &[(1, "CONNECT")],
+            Some("Assigned")
+        )));
+        assert!(producer_can_send(&stats(
+            &[(-1, "DOWN"), (1, "UP")],
+            Some("Assigned")
+        )));
+        // Idempotence turned off by the operator: no `eos` section, a broker up is enough.
+        assert!(producer_can_send(&stats(&[(1, "UP")], None)));
+        assert!(!producer_can_send(&stats(&[], None)));
+    }
+
+    #[test]
+    fn statistics_enabled_follows_the_interval() {
+        let mut c = rdkafka::ClientConfig::new();
+        assert!(!statistics_enabled(&c), "unset: librdkafka's default is 0");
+        c.set("statistics.interval.ms", "1000");
+        assert!(statistics_enabled(&c));
+        c.set("statistics.interval.ms", "0");
+        assert!(!statistics_enabled(&c));
+    }
+
+    #[test]
+    fn the_first_statistics_able_to_send_set_the_warm_flag_for_good() {
+        let warm = Arc::new(AtomicBool::new(false));
+        let metrics = Metrics::new("test");
+        let ctx = DeliveryContext::new(metrics, warm.clone());
+        ctx.stats(stats(&[(1, "UP")], Some("WaitPID")));
+        assert!(!warm.load(Ordering::Relaxed));
+        ctx.stats(stats(&[(1, "UP")], Some("Assigned")));
+        assert!(warm.load(Ordering::Relaxed));
+        // A later broker outage is readiness's broker probe's business, not this flag's.
+        ctx.stats(stats(&[(1, "DOWN")], Some("Assigned")));
+        assert!(warm.load(Ordering::Relaxed));
     }
 }

@@ -804,7 +804,10 @@ impl Drain {
             in_flight = self.window_records,
             "kafka producer fatal error: rebuilding the producer and re-sending what it held"
         );
-        let context = DeliveryContext::new(self.shared.metrics.clone());
+        let context = DeliveryContext::new(
+            self.shared.metrics.clone(),
+            self.shared.producer_warm.clone(),
+        );
         let new = match Producer::new(
             &self.params.producer_config,
             context,

@@ -390,6 +390,10 @@ pub struct Shared {
     pub profiles: Vec<profiles::ProfileSlot>,
     /// False from a fatal producer error until the producer is rebuilt.
     pub producer_healthy: AtomicBool,
+    /// Set once librdkafka's statistics first show the producer able to send (broker up,
+    /// producer id assigned); `/readyz` waits for it at start-up. Set from the start when
+    /// statistics are turned off (`statistics.interval.ms=0`), since nothing would set it.
+    pub producer_warm: Arc<AtomicBool>,
     /// Result of the last broker probe.
     pub brokers_reachable: AtomicBool,
     /// The spool's disk tier is above the readiness watermark (set by the drain thread).
@@ -423,9 +427,12 @@ impl Sink {
             ),
         }
         let producer_config = cfg.producer_config();
+        let producer_warm = Arc::new(AtomicBool::new(!delivery::statistics_enabled(
+            &producer_config,
+        )));
         let producer = Producer::new(
             &producer_config,
-            DeliveryContext::new(metrics.clone()),
+            DeliveryContext::new(metrics.clone(), producer_warm.clone()),
             &topics.names(),
             cfg.partitioning,
         )
@@ -458,6 +465,7 @@ impl Sink {
             topics: topics.clone(),
             profiles: cfg.profile_slots(),
             producer_healthy: AtomicBool::new(true),
+            producer_warm,
             brokers_reachable: AtomicBool::new(false),
             spool_over_watermark: AtomicBool::new(false),
             next_stream: AtomicU64::new(1),
@@ -643,6 +651,11 @@ impl Sink {
     /// Records the result of a broker probe.
     pub fn set_brokers_reachable(&self, ok: bool) {
         self.shared.brokers_reachable.store(ok, Ordering::Relaxed);
+    }
+
+    /// False until librdkafka's statistics first show the producer able to send (start-up).
+    pub fn producer_warm(&self) -> bool {
+        self.shared.producer_warm.load(Ordering::Relaxed)
     }
 
     /// False from a fatal producer error until the rebuilt producer is in place.
