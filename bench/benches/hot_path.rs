@@ -207,7 +207,7 @@ fn record_benches(c: &mut Criterion) {
     let metrics = Metrics::new("bench");
     let gw = GwProducer::new(
         &unreachable_producer_config(),
-        DeliveryContext::new(metrics),
+        DeliveryContext::new(metrics, Default::default()),
         &["twilio.audio.inbound".to_owned()],
         gateway::sink::partitioning::Partitioning::Instance {
             seed: 0,
