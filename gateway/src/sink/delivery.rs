@@ -198,7 +198,7 @@ mod tests {
 
     #[test]
     fn statistics_enabled_follows_the_interval() {
-        let mut c = rdkafka::ClientConfig::new();
+        let mut c = crate::sink::kafka_config::KafkaOptions::new("b:9092").client_config();
         assert!(!statistics_enabled(&c), "unset: librdkafka's default is 0");
         c.set("statistics.interval.ms", "1000");
         assert!(statistics_enabled(&c));
