@@ -240,7 +240,14 @@ fn record_benches(c: &mut Criterion) {
                     pcm.clear();
                     ulaw_to_pcm16le_into(&rec.payload, &mut pcm);
                     let h = audio_headers_for_bench(&rec, &topics, "gw-1");
-                    let _ = black_box(gw.produce(0, Some(SID.as_bytes()), &pcm, Some(h), i + 1));
+                    let _ = black_box(gw.produce(
+                        0,
+                        Some(SID.as_bytes()),
+                        &pcm,
+                        Some(h),
+                        i + 1,
+                        1_764_000_000_000,
+                    ));
                 }
             },
             BatchSize::PerIteration,

@@ -46,11 +46,18 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let metrics = &ctx.metrics;
     Ok(match req.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics.render(),
-        ),
+        "/metrics" => {
+            // Read at the scrape from the bound itself: writers take bytes off it on every
+            // frame, and updating the gauge there too would race the consumer's pushes.
+            if let Some(p) = &ctx.playback {
+                metrics.playback_queued_bytes.set(p.queued_bytes() as i64);
+            }
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics.render(),
+            )
+        }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => match readiness(&ctx) {
             Ok(()) => {

@@ -20,7 +20,7 @@ use crate::playback::writer::StoppedByControl;
 use crate::protocol::{parse, Message};
 use crate::session::{close_code, Flow, Received, Session, SessionConfig, SessionError};
 use crate::sink::ConnectionPublisher;
-use crate::watchdog::WatchdogError;
+use crate::watchdog::{FrameCounter, WatchdogError};
 
 /// Per-connection settings.
 #[derive(Debug, Clone, Copy)]
@@ -225,7 +225,11 @@ impl Conn {
             self.counted_open = true;
             self.metrics.open_streams.inc();
             if let Some(ids) = self.session.ids() {
-                tracing::info!(stream_sid = %ids.stream_sid, call_sid = %ids.call_sid, "stream started");
+                tracing::info!(
+                    stream_sid = ids.stream_sid.as_str(),
+                    call_sid = ids.call_sid.as_str(),
+                    "stream started"
+                );
             }
         }
         flow
@@ -311,17 +315,21 @@ async fn after_stop<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Serves one upgraded WebSocket until it ends. Never panics on input; logs and counts how it
-/// ended. `publisher` carries the stream's downlink when playback is on.
+/// ended. `publisher` carries the stream's downlink when playback is on; `frames` counts every
+/// complete frame read, for the watchdog under the socket (idle means no frame, not no byte).
 pub async fn serve<S>(
     mut ws: WebSocket<S>,
     publisher: ConnectionPublisher,
     cfg: ConnectionConfig,
     conn_id: u64,
+    frames: FrameCounter,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     ws.set_auto_close(true);
-    ws.set_auto_pong(true);
+    // Pings are answered below rather than inside fastwebsockets, which would swallow them:
+    // a ping is a frame, so it counts as activity for the idle timeout like any other.
+    ws.set_auto_pong(false);
     // fastwebsockets rejects frames with `len >= max`; we want `len > cap` rejected.
     ws.set_max_message_size(cfg.max_message_bytes + 1);
     let metrics = publisher.metrics().clone();
@@ -340,6 +348,7 @@ pub async fn serve<S>(
             Ok(f) => f,
             Err(e) => break classify_ws_error(e),
         };
+        frames.frame();
         // RFC 6455 §5.1: a server closes the connection on a frame its client did not mask.
         if !client_masked(&mut frame) {
             break End::Error(SessionError::new(
@@ -387,7 +396,18 @@ pub async fn serve<S>(
                 "binary frames are not supported",
             )),
             OpCode::Close => break End::Socket(SocketEnd::ClosedByPeer),
-            OpCode::Ping | OpCode::Pong => continue,
+            OpCode::Ping => {
+                // Flushed: behind TLS the pong would otherwise wait in the session buffer.
+                let pong = async {
+                    ws.write_frame(Frame::pong(frame.payload)).await?;
+                    ws.flush().await
+                };
+                if let Err(e) = pong.await {
+                    break classify_ws_error(e);
+                }
+                continue;
+            }
+            OpCode::Pong => continue,
         };
         if let Some(end) = end_after(result, c.publisher.backpressure_close()) {
             break end;
@@ -421,11 +441,29 @@ pub async fn serve<S>(
         let dropped = c.session.frames_dropped();
         let close = ending.close.as_ref().map(|c| c.0);
         if ending.warn {
-            tracing::warn!(conn_id, stream_sid = sid, call_sid = call, outcome = ending.outcome.as_str(),
-                reason = %ending.reason, close_code = close, frames_published = published, frames_dropped = dropped, "stream ended");
+            tracing::warn!(
+                conn_id,
+                stream_sid = sid,
+                call_sid = call,
+                outcome = ending.outcome.as_str(),
+                reason = ending.reason.as_str(),
+                close_code = close,
+                frames_published = published,
+                frames_dropped = dropped,
+                "stream ended"
+            );
         } else {
-            tracing::info!(conn_id, stream_sid = sid, call_sid = call, outcome = ending.outcome.as_str(),
-                reason = %ending.reason, close_code = close, frames_published = published, frames_dropped = dropped, "stream ended");
+            tracing::info!(
+                conn_id,
+                stream_sid = sid,
+                call_sid = call,
+                outcome = ending.outcome.as_str(),
+                reason = ending.reason.as_str(),
+                close_code = close,
+                frames_published = published,
+                frames_dropped = dropped,
+                "stream ended"
+            );
         }
     }
     if c.counted_open {

@@ -232,6 +232,10 @@ pub struct Session {
     ids: Option<StreamIds>,
     tracks_announced: Vec<Track>,
     last_seq: Option<u64>,
+    /// The last sequence number reported as a regression: when the next message continues
+    /// from it, the stream's numbering really moved back (the high-water mark was a stray
+    /// high number), and the check follows it instead of reporting every later message.
+    regressed_at: Option<u64>,
     tracks: [TrackState; Track::COUNT],
     /// Decoded μ-law of the current message (reused).
     ulaw: Vec<u8>,
@@ -253,6 +257,7 @@ impl Session {
             ids: None,
             tracks_announced: Vec::new(),
             last_seq: None,
+            regressed_at: None,
             tracks: Default::default(),
             ulaw: Vec::new(),
             frames_published: 0,
@@ -492,15 +497,23 @@ impl Session {
     }
 
     fn check_seq<P: Publisher>(&mut self, seq: u64, at: Received, out: &mut P) {
+        let regressed_at = self.regressed_at.take();
         match self.last_seq {
             Some(last) if seq == last.wrapping_add(1) => self.last_seq = Some(seq),
             Some(last) if seq > last => {
                 self.anomaly_event(AnomalyKind::SeqGap, None, last + 1, seq, at, out);
                 self.last_seq = Some(seq);
             }
+            // Continues from the regressed number: the numbering moved back for good (the
+            // high-water mark was one stray high number). Follow it, reported once already.
+            Some(_) if regressed_at.is_some_and(|r| seq == r.wrapping_add(1)) => {
+                self.last_seq = Some(seq);
+            }
             Some(last) => {
-                // Keep the high-water mark so one stray message does not cascade.
+                // Keep the high-water mark so one stray low message (a duplicate) does not
+                // cascade; remember it in case the numbering continues from there.
                 self.anomaly_event(AnomalyKind::SeqRegression, None, last + 1, seq, at, out);
+                self.regressed_at = Some(seq);
             }
             None => self.last_seq = Some(seq),
         }

@@ -3,9 +3,12 @@
 //!
 //! Why a wrapper: `fastwebsockets::WebSocket::read_frame` is not cancel-safe, so it cannot be
 //! raced against a timer in `select!` without risking a torn frame. Instead the wrapper owns one
-//! timer per connection that ticks every `tick` (a fraction of the timeouts). Reads only bump a
-//! counter (no clock read, no timer reset per frame); on each tick the wrapper compares the
-//! counter with the previous tick to know whether the peer was quiet. After `ping_after` of
+//! timer per connection that ticks every `tick` (a fraction of the timeouts). Activity is a
+//! counter (no clock read, no timer reset per frame): complete frames, counted by the
+//! connection above in a shared [`FrameCounter`] (without one, reads that returned bytes); on
+//! each tick the wrapper compares the counter with the previous tick to know whether the peer
+//! was quiet. Counting frames rather than bytes means a peer trickling one frame a byte at a
+//! time is quiet, so it cannot hold a stream slot past the idle timeout. After `ping_after` of
 //! quiet it writes a WebSocket ping frame (`0x89 0x00`) itself; after `idle_timeout` of quiet
 //! the next read fails with `TimedOut`. Writes of the WebSocket layer drain a half-written ping
 //! first, so frames never interleave. A layer above that writes frames of its own between
@@ -15,7 +18,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -82,16 +85,37 @@ impl FrameGate {
     }
 }
 
+/// Complete WebSocket frames read by the connection above: with one shared, the watchdog
+/// measures activity in frames, not bytes, so a peer that trickles one frame a byte at a time
+/// (a slow-read hold of a stream slot) is idle and ends at `idle_timeout`. One writer (the
+/// connection task) and one reader (the watchdog, same task): a relaxed load and store.
+#[derive(Debug, Clone, Default)]
+pub struct FrameCounter(Arc<AtomicU64>);
+
+impl FrameCounter {
+    /// Counts one complete frame.
+    pub fn frame(&self) {
+        let n = self.0.load(Ordering::Relaxed);
+        self.0.store(n.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// The wrapper; see the module docs.
 pub struct Watchdog<S> {
     inner: S,
     /// Shared with a frame-writing layer above, if there is one.
     gate: Option<FrameGate>,
+    /// Frames read above; `None`: any bytes read count as activity.
+    frames: Option<FrameCounter>,
     timer: Pin<Box<Sleep>>,
     tick: Duration,
     cfg: WatchdogConfig,
     reads: u64,
-    seen_reads: u64,
+    seen_activity: u64,
     last_activity: Instant,
     pinged: bool,
     /// Bytes of `PING_FRAME` still to write (0 = none pending).
@@ -110,11 +134,12 @@ impl<S> Watchdog<S> {
         Watchdog {
             inner,
             gate: None,
+            frames: None,
             timer: Box::pin(tokio::time::sleep_until(now + tick)),
             tick,
             cfg,
             reads: 0,
-            seen_reads: 0,
+            seen_activity: 0,
             last_activity: now,
             pinged: false,
             ping_pending: 0,
@@ -128,6 +153,18 @@ impl<S> Watchdog<S> {
     pub fn with_frame_gate(mut self, gate: FrameGate) -> Self {
         self.gate = Some(gate);
         self
+    }
+
+    /// Measures activity in complete frames counted by the connection above (see
+    /// [`FrameCounter`]) instead of bytes read.
+    pub fn with_frame_counter(mut self, frames: FrameCounter) -> Self {
+        self.frames = Some(frames);
+        self
+    }
+
+    /// The activity measure compared between ticks.
+    fn activity(&self) -> u64 {
+        self.frames.as_ref().map_or(self.reads, FrameCounter::get)
     }
 
     fn writer_mid_frame(&self) -> bool {
@@ -183,8 +220,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watchdog<S> {
             if this.force_close.load(Ordering::Relaxed) {
                 return Poll::Ready(Err(WatchdogError::Shutdown.into_io()));
             }
-            if this.reads != this.seen_reads {
-                this.seen_reads = this.reads;
+            let activity = this.activity();
+            if activity != this.seen_activity {
+                this.seen_activity = activity;
                 this.last_activity = now;
                 this.pinged = false;
             }

@@ -273,14 +273,33 @@ async fn concurrent_streams(gw: &Gateway) {
                     at >= t0 && at <= t1,
                     "received_at_us {at} outside [{t0},{t1}]"
                 );
+                // The Kafka timestamp is the receive time of the record's first chunk.
+                assert_eq!(
+                    r.timestamp,
+                    rdkafka::Timestamp::CreateTime((at / 1000) as i64),
+                    "kafka timestamp of {} {track} chunk {}",
+                    p.stream,
+                    k + 1
+                );
                 assert!(!r.headers.contains_key("chunks"));
             }
         }
-        let mine: Vec<serde_json::Value> = events
+        let mine_recs: Vec<&&Record> = events
             .iter()
             .filter(|r| r.key.as_deref() == Some(&p.stream))
-            .map(|r| r.json())
             .collect();
+        let mine: Vec<serde_json::Value> = mine_recs.iter().map(|r| r.json()).collect();
+        for (r, e) in mine_recs.iter().zip(&mine) {
+            // An event's Kafka timestamp is its `at_us`.
+            let at = e["at_us"].as_u64().unwrap();
+            assert_eq!(
+                r.timestamp,
+                rdkafka::Timestamp::CreateTime((at / 1000) as i64),
+                "kafka timestamp of {} {}",
+                p.stream,
+                e["type"]
+            );
+        }
         let types: Vec<&str> = mine.iter().map(|e| e["type"].as_str().unwrap()).collect();
         assert_eq!(
             types,
@@ -740,7 +759,43 @@ async fn partitions_per_instance_keeps_an_instance_on_its_partitions_and_each_st
             "3",
         ],
     );
+    // Connections that fail before `start` publish unkeyed error events: those stay on the
+    // instance's partitions too (the one an empty key picks), not a random one.
+    for _ in 0..8 {
+        let mut c = connect(&gw).await;
+        c.send("not json").await;
+        assert_eq!(
+            c.read_close(Duration::from_secs(5)).await.map(|c| c.0),
+            Some(1007)
+        );
+        // Past librdkafka's sticky window (10 ms), so a random partitioner would pick anew.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
     let (sids, recs) = short_streams(&gw, 5000, 16).await;
+    let events = vec![format!("{}.events", gw.prefix)];
+    let b = gw.brokers.clone();
+    let unkeyed: Vec<Record> = tokio::task::spawn_blocking(move || {
+        consume_until(&b, &events, Duration::from_secs(20), |r| {
+            r.iter()
+                .filter(|x| x.key.is_none() && x.json()["type"] == "error")
+                .count()
+                >= 8
+        })
+    })
+    .await
+    .unwrap()
+    .into_iter()
+    .filter(|r| r.key.is_none() && r.json()["type"] == "error")
+    .collect();
+    assert_eq!(unkeyed.len(), 8, "unkeyed error events");
+    let base = gateway::sink::partitioning::pick(1, 2, b"", 6);
+    assert!(base == 2 || base == 3);
+    for r in &unkeyed {
+        assert_eq!(
+            r.partition, base,
+            "unkeyed error event on the instance's partition"
+        );
+    }
     let mut used = std::collections::BTreeSet::new();
     for s in &sids {
         let want = gateway::sink::partitioning::pick(1, 2, s.as_bytes(), 6);

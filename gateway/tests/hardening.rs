@@ -340,6 +340,23 @@ fn refusals_hyper_answers_and_handshake_timeouts_are_counted() {
         gw.metric("gateway_http_rejections_total{reason=\"bad_request\"}"),
         0.0
     );
+    // A head hyper cannot parse (a TLS ClientHello on the plain listener) gets its 400 and
+    // is counted as a bad request.
+    let out = raw(
+        gw.port,
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"),
+        "{}",
+        status_line(&out)
+    );
+    wait_metric(
+        &gw,
+        "gateway_http_rejections_total{reason=\"bad_request\"}",
+        1.0,
+    );
 }
 
 /// A Twilio upgrade request as raw bytes.
@@ -359,7 +376,8 @@ fn status_line(out: &[u8]) -> String {
 }
 
 /// RFC 6455 §4.2.2: an upgrade in a WebSocket version other than 13 is answered 426 with the
-/// version this server speaks; one without the header is malformed (400). Both are counted.
+/// version this server speaks; one without the header, with a key that is not a base64 16-byte
+/// nonce, or in HTTP/1.0 is malformed (400). All are counted.
 #[test]
 fn an_unsupported_websocket_version_gets_426_naming_13() {
     let gw = Gateway::start("wsver", &[]);
@@ -373,10 +391,21 @@ fn an_unsupported_websocket_version_gets_426_naming_13() {
     let req = upgrade_bytes(gw.port).replace("Sec-WebSocket-Version: 13\r\n", "");
     let out = raw(gw.port, req.as_bytes(), Duration::from_secs(5));
     assert_eq!(status_line(&out), "HTTP/1.1 400 Bad Request");
+    // RFC 6455 §4.1: the key is a base64 16-byte nonce, and the handshake is HTTP/1.1+.
+    let req = upgrade_bytes(gw.port).replace("dGhlIHNhbXBsZSBub25jZQ==", "abc");
+    let out = raw(gw.port, req.as_bytes(), Duration::from_secs(5));
+    assert_eq!(status_line(&out), "HTTP/1.1 400 Bad Request");
+    let req = upgrade_bytes(gw.port).replace("HTTP/1.1\r\n", "HTTP/1.0\r\n");
+    let out = raw(gw.port, req.as_bytes(), Duration::from_secs(5));
+    assert!(
+        status_line(&out).ends_with(" 400 Bad Request"),
+        "{}",
+        status_line(&out)
+    );
     wait_metric(
         &gw,
         "gateway_http_rejections_total{reason=\"bad_upgrade\"}",
-        2.0,
+        4.0,
     );
     // Version 13 still upgrades.
     let out = raw(

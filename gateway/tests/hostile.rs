@@ -675,6 +675,98 @@ async fn hostile_peers_fail_alone_while_good_streams_run_bit_exact() {
         (0..2).map(|k| bad_chunk(&sid_q, k)).collect(),
     ));
 
+    // --- slow read after start: a frame trickled a byte at a time. Bytes keep arriving, but no
+    // frame completes: idle, so 1001 after --idle-timeout (not when the frame would end, 75 s).
+    let sid_t = sid("MZ", 18);
+    {
+        let mut ws = raw_ws(gw.port).await;
+        raw_send(&mut ws, &connected()).await;
+        raw_send(
+            &mut ws,
+            &start(&sid_t, &call_of(&sid_t), ACCOUNT, &["inbound"], &[]),
+        )
+        .await;
+        ws.flush().await.unwrap();
+        let (mut rd, mut wr) = ws.into_inner().into_split();
+        // A masked text frame announcing 300 bytes (16-bit length), then one byte per 250 ms.
+        let t = Instant::now();
+        wr.write_all(&[0x81, 0x80 | 126, 0x01, 0x2c, 1, 2, 3, 4])
+            .await
+            .unwrap();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..300 {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if wr.write_all(b"x").await.is_err() {
+                    break;
+                }
+            }
+        });
+        // Server frames are unmasked with short lengths here: skip its keep-alive pings
+        // (it pings after 300 ms of quiet) up to the close frame.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        let _ = tokio::time::timeout(Duration::from_secs(6), async {
+            loop {
+                if got.len() >= 2 && got.len() >= 2 + got[1] as usize {
+                    if got[0] == 0x89 {
+                        got.drain(..2 + got[1] as usize);
+                        continue;
+                    }
+                    break;
+                }
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        let elapsed = t.elapsed();
+        trickle.abort();
+        // The server's close frame: unmasked, opcode 8, code 1001, "idle timeout".
+        assert!(got.len() >= 4 && got[0] == 0x88, "close frame, got {got:?}");
+        assert_eq!(u16::from_be_bytes([got[2], got[3]]), 1001, "close code");
+        assert_eq!(&got[4..2 + got[1] as usize], b"idle timeout");
+        assert!(
+            elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+            "idle close after {elapsed:?} of trickling"
+        );
+    }
+    s.expects
+        .push(keyed(&sid_t, "disconnect", &["idle_timeout"], Vec::new()));
+
+    // --- a quiet peer that pings: every ping is answered with its payload, and pings are
+    // frames, so 1.5 s of them (idle timeout 1 s) keep the stream open; it ends with `stop`.
+    let sid_u = sid("MZ", 19);
+    {
+        let mut c = started(&gw, &sid_u, 1).await;
+        let mut pongs = 0;
+        for i in 0..6u8 {
+            c.ws.write_frame(Frame::new(
+                true,
+                OpCode::Ping,
+                None,
+                Payload::Owned(vec![b'p', i]),
+            ))
+            .await
+            .unwrap();
+            let deadline = Instant::now() + Duration::from_millis(250);
+            while let Ok(Ok(f)) = tokio::time::timeout_at(deadline.into(), c.ws.read_frame()).await
+            {
+                assert_ne!(f.opcode, OpCode::Close, "closed while pinging");
+                if f.opcode == OpCode::Pong {
+                    assert_eq!(&f.payload[..], &[b'p', i], "pong payload");
+                    pongs += 1;
+                }
+            }
+        }
+        assert_eq!(pongs, 6, "one pong per ping");
+        c.send(&stop(&sid_u, 3, ACCOUNT, &call_of(&sid_u))).await;
+        let _ = c.read_close(Duration::from_secs(3)).await;
+    }
+    s.expects
+        .push(keyed(&sid_u, "stop", &["stop"], vec![bad_chunk(&sid_u, 0)]));
+
     // --- slow handshake: half a request head, then nothing. Closed after --handshake-timeout.
     {
         let mut tcp = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();

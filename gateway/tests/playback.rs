@@ -457,6 +457,9 @@ async fn playback_in_order(gw: Gateway) {
             ("after-b".into(), true, true)
         ]
     );
+    // Everything queued was sent: the gauge says so (read from the bound at the scrape, not
+    // left at the last push).
+    assert_eq!(gw.metric("gateway_playback_queued_bytes"), 0.0);
     let stop = evs.iter().find(|e| e["type"] == "stop").unwrap();
     let pb = &stop["playback"];
     assert_eq!(pb["records"], 4, "{stop}");

@@ -176,6 +176,19 @@ fn terminal_totals(recs: &[Record], sids: &[String]) -> (u64, u64, u64) {
 
 /// Each stream's chunks per track arrive in increasing order and bit-exact; returns the last
 /// chunk number per stream and track.
+/// The Kafka timestamp is the receive time, also for records produced long after it (spooled
+/// through an outage, replayed after a restart).
+fn assert_receive_timestamp(r: &Record) {
+    let at: i64 = r.h("received_at_us").parse().unwrap();
+    assert_eq!(
+        r.timestamp,
+        rdkafka::Timestamp::CreateTime(at / 1000),
+        "kafka timestamp of {:?} chunk {}",
+        r.key,
+        r.h("chunk")
+    );
+}
+
 fn check_ordered_bit_exact(
     recs: &[Record],
     sids: &[String],
@@ -189,6 +202,7 @@ fn check_ordered_bit_exact(
                 let chunk: u64 = r.h("chunk").parse().unwrap();
                 assert!(chunk > last, "{s} {track}: order");
                 last = chunk;
+                assert_receive_timestamp(r);
                 assert_eq!(
                     r.value,
                     ulaw_to_pcm(chunk_audio(audio, chunk)),
@@ -414,6 +428,7 @@ async fn kill_9_during_an_outage_then_a_restart_delivers_every_record_that_reach
                 "{s}: order after replay ({chunk} after {last})"
             );
             last = chunk;
+            assert_receive_timestamp(r);
             assert_eq!(
                 r.value,
                 ulaw_to_pcm(chunk_audio(&audio, chunk)),

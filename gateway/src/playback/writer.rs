@@ -218,18 +218,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
 
     /// Encodes ready frames into `out`, up to a batch.
     fn fill(&mut self) {
-        let Some(attached) = self.attached.get().cloned() else {
+        // Runs on every read of every stream: borrow the stream's identity through a second
+        // handle on its cell (one uncontended increment) instead of cloning it (its streamSid
+        // `String` would be an allocation per read).
+        let cell = Arc::clone(&self.attached);
+        let Some(attached) = cell.get() else {
             return;
         };
         while self.out.len() < WRITE_BATCH && !self.stop {
             let generation = self.shared.clear_generation.load(Ordering::SeqCst);
             if generation != self.seen_generation {
                 self.seen_generation = generation;
-                self.clear(&attached);
+                self.clear(attached);
                 continue;
             }
             if self.current.is_some() {
-                self.media_frame(&attached);
+                self.media_frame(attached);
                 continue;
             }
             let Some(rx) = &self.rx else { return };
@@ -274,7 +278,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
                     });
                 }
                 Command::Mark(name) if stale => attached.mark_discarded(&name),
-                Command::Mark(name) => self.mark(&attached, name),
+                Command::Mark(name) => self.mark(attached, name),
                 // Handled through the generation when it was bumped.
                 Command::Clear => {}
                 Command::Stop => self.stop = true,

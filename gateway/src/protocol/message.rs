@@ -352,6 +352,18 @@ fn number_string(nodes: &[Node<'_>], i: usize, field: &'static str) -> Result<u6
     parse_decimal(string(nodes, i, field)?, field)
 }
 
+/// Largest accepted `media.timestamp`: 2^53 − 1 ms (285,000 years). The timeline is kept in
+/// samples (× 8, × 48 for 48 kHz profiles) with lengths added; any larger value would have to
+/// saturate there and break jump detection and record contiguity, so it is refused here.
+pub const MAX_TIMESTAMP_MS: u64 = (1 << 53) - 1;
+
+fn media_timestamp(nodes: &[Node<'_>], i: usize) -> Result<u64, ParseError> {
+    match number_string(nodes, i, "media.timestamp")? {
+        ts if ts > MAX_TIMESTAMP_MS => Err(ParseError::InvalidNumber("media.timestamp")),
+        ts => Ok(ts),
+    }
+}
+
 fn json_uint(nodes: &[Node<'_>], i: usize, field: &'static str) -> Result<u64, ParseError> {
     match nodes[i] {
         Node::Static(StaticNode::U64(v)) => Ok(v),
@@ -429,7 +441,7 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
                 match key {
                     "track" => track = Some(string(nodes, v, "media.track")?),
                     "chunk" => chunk = Some(number_string(nodes, v, "media.chunk")?),
-                    "timestamp" => ts = Some(number_string(nodes, v, "media.timestamp")?),
+                    "timestamp" => ts = Some(media_timestamp(nodes, v)?),
                     "payload" => payload = Some(string(nodes, v, "media.payload")?),
                     _ => unknown_fields += 1,
                 }

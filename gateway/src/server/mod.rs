@@ -337,6 +337,11 @@ async fn serve_http<I>(
     match tokio::time::timeout_at(deadline, conn).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) if e.is_parse_too_large() => ctx.refuse(HttpRejection::HeaderTooLarge, peer),
+        // hyper answered 400 itself (a request line or head it could not parse, e.g. TLS
+        // bytes on a plain listener): a refusal like any other, so counted.
+        Ok(Err(e)) if e.is_parse() && !served.load(Ordering::Relaxed) => {
+            ctx.refuse(HttpRejection::BadRequest, peer)
+        }
         Ok(Err(e)) if e.is_timeout() && !served.load(Ordering::Relaxed) => {
             ctx.refuse(HttpRejection::HandshakeTimeout, peer)
         }

@@ -22,7 +22,7 @@ use crate::metrics::HttpRejection;
 use crate::server::ingest::Placement;
 use crate::sink::ConnectionPublisher;
 use crate::twilio_http;
-use crate::watchdog::{FrameGate, Watchdog};
+use crate::watchdog::{FrameCounter, FrameGate, Watchdog};
 
 /// Answers one request on the stream listener.
 pub async fn handle(
@@ -84,6 +84,17 @@ pub async fn handle(
             return Ok(r);
         }
     }
+    // RFC 6455 §4.1/§4.2.1: the opening handshake is HTTP/1.1 or later, and its key is a
+    // base64-encoded 16-byte nonce (24 characters, two of them padding). fastwebsockets checks
+    // neither; an HTTP/1.0 client would get a 101 it cannot use.
+    if req.version() < hyper::Version::HTTP_11 || !valid_websocket_key(&req) {
+        metrics.http_rejections[HttpRejection::BadUpgrade].inc();
+        tracing::debug!(%peer, version = ?req.version(), "malformed websocket handshake");
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "bad websocket upgrade: HTTP/1.1 and a base64 16-byte Sec-WebSocket-Key required\n",
+        ));
+    }
     // Twilio signs the configured public wss:// URL; the request's own Host and path only
     // had to match the listener (the path check above).
     if let Some(validator) = &ctx.security.validator {
@@ -130,11 +141,14 @@ pub async fn handle(
         };
         // Re-wrap the upgraded socket with the watchdog (and the playback writer); the read
         // buffer is still empty here.
+        // Activity is counted in complete frames (the connection counts them), not bytes.
+        let frames = FrameCounter::default();
         let io = Watchdog::new(
             ws.into_inner(),
             ctx2.config.watchdog,
             ctx2.shutdown.force_close_flag(),
-        );
+        )
+        .with_frame_counter(frames.clone());
         tracing::debug!(conn_id, %peer, "websocket open");
         match &ctx2.playback {
             Some(playback) => {
@@ -147,14 +161,71 @@ pub async fn handle(
                     .with_frame_gate(gate);
                 let ws = WebSocket::after_handshake(io, Role::Server);
                 let publisher = ConnectionPublisher::with_downlink(ctx2.sink.clone(), downlink);
-                connection::serve(ws, publisher, ctx2.config.connection, conn_id).await;
+                connection::serve(ws, publisher, ctx2.config.connection, conn_id, frames).await;
             }
             None => {
                 let ws = WebSocket::after_handshake(io, Role::Server);
                 let publisher = ctx2.sink.publisher();
-                connection::serve(ws, publisher, ctx2.config.connection, conn_id).await;
+                connection::serve(ws, publisher, ctx2.config.connection, conn_id, frames).await;
             }
         }
     });
     Ok(response.map(|_| Body::default()))
+}
+
+/// Whether the request carries exactly one `Sec-WebSocket-Key` that is the base64 encoding of
+/// 16 bytes (RFC 6455 §4.1: "a randomly selected 16-byte value that has been base64-encoded").
+/// A missing key is left to fastwebsockets, which refuses it with the same 400.
+fn valid_websocket_key<B>(req: &Request<B>) -> bool {
+    let mut keys = req
+        .headers()
+        .get_all(hyper::header::SEC_WEBSOCKET_KEY)
+        .iter();
+    match (keys.next(), keys.next()) {
+        (None, _) => true,
+        (Some(k), None) => {
+            let k = k.as_bytes();
+            k.len() == 24
+                && base64_simd::STANDARD
+                    .decode_to_vec(k)
+                    .is_ok_and(|raw| raw.len() == 16)
+        }
+        (Some(_), Some(_)) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_keys(keys: &[&str]) -> Request<()> {
+        let mut b = Request::builder().uri("/stream");
+        for k in keys {
+            b = b.header(hyper::header::SEC_WEBSOCKET_KEY, *k);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn a_websocket_key_is_one_base64_16_byte_nonce() {
+        // RFC 6455's example key, and a missing one (refused later by fastwebsockets).
+        assert!(valid_websocket_key(&with_keys(&[
+            "dGhlIHNhbXBsZSBub25jZQ=="
+        ])));
+        assert!(valid_websocket_key(&with_keys(&[])));
+        for bad in [
+            "abc",
+            "dGhlIHNhbXBsZSBub25jZQ",    // unpadded
+            "dGhlIHNhbXBsZSBub25jZQ==x", // trailing byte
+            "dGhlIHNhbXBsZSBub25jZSE=",  // 17 bytes
+            "dGhlIHNhbXBsZSBub25j!Q==",  // not base64
+            "",
+        ] {
+            assert!(!valid_websocket_key(&with_keys(&[bad])), "{bad:?}");
+        }
+        assert!(!valid_websocket_key(&with_keys(&[
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            "dGhlIHNhbXBsZSBub25jZQ=="
+        ])));
+    }
 }

@@ -197,6 +197,43 @@ fn sequence_and_timestamp_anomalies_are_reported_not_fatal() {
 }
 
 #[test]
+fn one_stray_sequence_number_is_reported_once_either_way() {
+    let mut s = Session::new(SessionConfig::default());
+    let mut out = Recorder::default();
+    feed(&mut s, &mut out, &start_json(r#""inbound""#)).unwrap();
+    let a = [0u8; 160];
+    let mut ts = 0;
+    let mut send = |s: &mut Session, out: &mut Recorder, seq: u64| {
+        feed(s, out, &media_json(seq, "inbound", seq, ts, &a)).unwrap();
+        ts += 20;
+    };
+    // A stray high number (99 among 2, 3, 4, ...): a gap to it, one regression back, and the
+    // numbering is followed from there, not reported on every later message.
+    for seq in [2, 3, 99, 4, 5, 6, 7] {
+        send(&mut s, &mut out, seq);
+    }
+    // A stray low number (a duplicate of 5 after 8): one regression, the high mark kept.
+    for seq in [8, 5, 9, 10] {
+        send(&mut s, &mut out, seq);
+    }
+    assert_eq!(
+        out.anomalies,
+        [
+            AnomalyKind::SeqGap,
+            AnomalyKind::SeqRegression,
+            AnomalyKind::SeqRegression
+        ]
+    );
+    let seq_events: Vec<(u64, u64)> = out
+        .events
+        .iter()
+        .filter(|e| e["type"] == "sequence_gap")
+        .map(|e| (e["expected"].as_u64().unwrap(), e["got"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(seq_events, [(4, 99), (100, 4), (9, 5)]);
+}
+
+#[test]
 fn batching_concatenates_and_flushes_tail_and_on_jumps() {
     let cfg = SessionConfig {
         frames_per_record: 3,

@@ -591,10 +591,14 @@ impl Drain {
             self.inflight.push(None);
             self.inflight.len() - 1
         });
-        match self
-            .producer
-            .produce(r.slot as usize, key, value, headers, slot_index + 1)
-        {
+        match self.producer.produce(
+            r.slot as usize,
+            key,
+            value,
+            headers,
+            slot_index + 1,
+            (r.received_at_us / 1000) as i64,
+        ) {
             Ok(()) => {
                 if r.kind == Kind::Event {
                     // The terminal event also waits for its stream's events (its replay index
@@ -1103,8 +1107,8 @@ fn audio_headers(
     h.add("channels", n.format(*channels).as_bytes());
     h.add("gateway", gateway_id.as_bytes());
     h.add("received_at_us", n.format(r.received_at_us).as_bytes());
-    // Profile records always say how many chunks they cover.
-    if batching || r.chunks != 1 || profile.is_some() {
+    // Profile and played-audio records always say how many chunks they cover.
+    if batching || r.chunks != 1 || profile.is_some() || r.flags & FLAG_PLAYBACK != 0 {
         h.add("chunks", n.format(r.chunks).as_bytes());
     }
     if let Some(p) = profile {

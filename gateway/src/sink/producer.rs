@@ -79,9 +79,11 @@ impl Drop for Headers {
 }
 
 /// librdkafka's partitioner callback for [`Partitioning::Instance`]: `rkt_opaque` holds the
-/// packed seed and partitions per instance. Records without a key (events of a connection
-/// that never sent `start`) normally go to librdkafka's sticky partitioner without calling
-/// this; with `sticky.partitioning.linger.ms=0` they arrive here and get its default one.
+/// packed seed and partitions per instance. Records without a key (error events of a
+/// connection that never sent `start`) would go to librdkafka's sticky partitioner, a random
+/// partition, without calling this; [`Producer::new`] sets `sticky.partitioning.linger.ms=0`
+/// in this mode, so they arrive here too and stay on the instance's partitions (the one an
+/// empty key picks).
 unsafe extern "C" fn instance_partitioner(
     rkt: *const rdsys::rd_kafka_topic_t,
     keydata: *const c_void,
@@ -90,7 +92,7 @@ unsafe extern "C" fn instance_partitioner(
     rkt_opaque: *mut c_void,
     msg_opaque: *mut c_void,
 ) -> i32 {
-    if keydata.is_null() || keylen == 0 || partition_cnt <= 0 {
+    if partition_cnt <= 0 {
         // SAFETY: called from within a partitioner callback, as librdkafka requires.
         return unsafe {
             rdsys::rd_kafka_msg_partitioner_consistent_random(
@@ -104,8 +106,12 @@ unsafe extern "C" fn instance_partitioner(
         };
     }
     let (seed, per_instance) = Partitioning::from_opaque(rkt_opaque as usize);
-    // SAFETY: librdkafka passes the record's key, `keylen` bytes, valid for the call.
-    let key = unsafe { std::slice::from_raw_parts(keydata.cast::<u8>(), keylen) };
+    let key: &[u8] = if keydata.is_null() || keylen == 0 {
+        &[]
+    } else {
+        // SAFETY: librdkafka passes the record's key, `keylen` bytes, valid for the call.
+        unsafe { std::slice::from_raw_parts(keydata.cast::<u8>(), keylen) }
+    };
     pick(seed, per_instance, key, partition_cnt)
 }
 
@@ -128,7 +134,15 @@ impl Producer {
         topics: &[String],
         partitioning: Partitioning,
     ) -> Result<Producer, rdkafka::error::KafkaError> {
-        let inner: BaseProducer<DeliveryContext> = config.create_with_context(context)?;
+        let inner: BaseProducer<DeliveryContext> = match partitioning.to_opaque() {
+            // Unkeyed records reach the instance partitioner only without sticky partitioning
+            // (see `instance_partitioner`); an explicit `--kafka-option` setting is kept.
+            Some(_) if config.get("sticky.partitioning.linger.ms").is_none() => config
+                .clone()
+                .set("sticky.partitioning.linger.ms", "0")
+                .create_with_context(context)?,
+            _ => config.create_with_context(context)?,
+        };
         let rk = inner.client().native_ptr();
         let mut handles = Vec::with_capacity(topics.len());
         for name in topics {
@@ -165,6 +179,8 @@ impl Producer {
 
     /// Enqueues one record on `slot`'s topic (partition chosen by the partitioner from the key).
     /// `opaque` comes back in the delivery report. On success librdkafka owns `headers`.
+    /// `timestamp_ms` is the record's CreateTime (unix ms; the gateway passes the receive time
+    /// of the record's first chunk, decision 50); 0 lets librdkafka read the clock.
     pub fn produce(
         &self,
         slot: usize,
@@ -172,13 +188,14 @@ impl Producer {
         value: &[u8],
         headers: Option<Headers>,
         opaque: usize,
+        timestamp_ms: i64,
     ) -> Result<(), ProduceError> {
         use rdsys::rd_kafka_vtype_t as V;
         let zero = rdsys::rd_kafka_vu_t {
             vtype: V::RD_KAFKA_VTYPE_END,
             u: rdsys::rd_kafka_vu_s__bindgen_ty_1 { i: 0 },
         };
-        let mut vus = [zero; 7];
+        let mut vus = [zero; 8];
         let mut n = 0;
         let mut push = |vtype: V, u: rdsys::rd_kafka_vu_s__bindgen_ty_1| {
             vus[n] = rdsys::rd_kafka_vu_t { vtype, u };
@@ -223,6 +240,12 @@ impl Producer {
                 ptr: opaque as *mut c_void,
             },
         );
+        if timestamp_ms > 0 {
+            push(
+                V::RD_KAFKA_VTYPE_TIMESTAMP,
+                rdsys::rd_kafka_vu_s__bindgen_ty_1 { i64_: timestamp_ms },
+            );
+        }
         let mut headers = headers;
         if let Some(h) = &headers {
             push(

@@ -134,7 +134,7 @@ impl Publisher for ConnectionPublisher {
             if !self.logged_drop {
                 self.logged_drop = true;
                 if let Some(suppressed) = DROP_LOG.check(&shared.metrics) {
-                    tracing::warn!(stream_sid = %r.ids.stream_sid, call_sid = %r.ids.call_sid,
+                    tracing::warn!(stream_sid = r.ids.stream_sid.as_str(), call_sid = r.ids.call_sid.as_str(),
                         suppressed, "audio dropped: in-flight budget full (further drops on this stream are only counted)");
                 }
             }

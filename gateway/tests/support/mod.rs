@@ -478,6 +478,8 @@ pub struct Record {
     pub key: Option<String>,
     pub value: Vec<u8>,
     pub headers: HashMap<String, String>,
+    /// The record's Kafka timestamp as (type, unix ms): `CreateTime` from the producer.
+    pub timestamp: rdkafka::Timestamp,
 }
 
 impl Record {
@@ -539,6 +541,7 @@ pub fn consume_until(
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     value: m.payload().unwrap_or_default().to_vec(),
                     headers,
+                    timestamp: m.timestamp(),
                 });
             }
             Some(Err(e)) => eprintln!("consumer error: {e}"),

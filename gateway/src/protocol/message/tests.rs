@@ -157,6 +157,9 @@ fn malformed_inputs_have_specific_errors() {
         (br#"{"event":"media","sequenceNumber":"-3","media":{"track":"inbound","chunk":"1","timestamp":"0","payload":"AA=="}}"#, ParseError::InvalidNumber("sequenceNumber")),
         (br#"{"event":"media","sequenceNumber":"1","media":{"track":"inbound","chunk":"1.5","timestamp":"0","payload":"AA=="}}"#, ParseError::InvalidNumber("media.chunk")),
         (br#"{"event":"media","sequenceNumber":"1","media":{"track":"inbound","chunk":"1","timestamp":"99999999999999999999","payload":"AA=="}}"#, ParseError::InvalidNumber("media.timestamp")),
+        // Past 2^53 - 1 ms: refused, not saturated on the sample timeline.
+        (br#"{"event":"media","sequenceNumber":"1","media":{"track":"inbound","chunk":"1","timestamp":"9007199254740992","payload":"AA=="}}"#, ParseError::InvalidNumber("media.timestamp")),
+        (br#"{"event":"media","sequenceNumber":"1","media":{"track":"inbound","chunk":"1","timestamp":"9223372036854775807","payload":"AA=="}}"#, ParseError::InvalidNumber("media.timestamp")),
         (br#"{"event":"media","sequenceNumber":"1","media":{"track":"both","chunk":"1","timestamp":"0","payload":"AA=="}}"#, ParseError::InvalidTrack),
         (br#"{"event":"media","sequenceNumber":"1","media":{"track":"inbound","chunk":"1","timestamp":"0","payload":42}}"#, ParseError::WrongType("media.payload")),
         (br#"{"event":"start","start":{"accountSid":"AC","callSid":"CA","tracks":["inbound"]}}"#, ParseError::MissingField("start.streamSid")),
@@ -218,5 +221,14 @@ fn parse_is_reusable_across_many_messages() {
         };
         assert_eq!(md.seq, i as u64);
         assert_eq!(md.payload.len(), 4 * (1 + i as usize % 300));
+    }
+}
+
+#[test]
+fn the_largest_accepted_timestamp_is_2_pow_53_minus_1() {
+    let mut buf = br#"{"event":"media","sequenceNumber":"1","media":{"track":"inbound","chunk":"1","timestamp":"9007199254740991","payload":"AA=="}}"#.to_vec();
+    match parse(&mut buf).expect("accepted").message {
+        Message::Media(m) => assert_eq!(m.timestamp_ms, MAX_TIMESTAMP_MS),
+        other => panic!("not media: {other:?}"),
     }
 }
