@@ -440,30 +440,26 @@ pub async fn serve<S>(
         let published = c.session.frames_published();
         let dropped = c.session.frames_dropped();
         let close = ending.close.as_ref().map(|c| c.0);
+        // One line, at the level the ending's table gives (tracing's levels are static).
+        macro_rules! stream_ended {
+            ($level:ident) => {
+                tracing::$level!(
+                    conn_id,
+                    stream_sid = sid,
+                    call_sid = call,
+                    outcome = ending.outcome.as_str(),
+                    reason = ending.reason.as_str(),
+                    close_code = close,
+                    frames_published = published,
+                    frames_dropped = dropped,
+                    "stream ended"
+                )
+            };
+        }
         if ending.warn {
-            tracing::warn!(
-                conn_id,
-                stream_sid = sid,
-                call_sid = call,
-                outcome = ending.outcome.as_str(),
-                reason = ending.reason.as_str(),
-                close_code = close,
-                frames_published = published,
-                frames_dropped = dropped,
-                "stream ended"
-            );
+            stream_ended!(warn);
         } else {
-            tracing::info!(
-                conn_id,
-                stream_sid = sid,
-                call_sid = call,
-                outcome = ending.outcome.as_str(),
-                reason = ending.reason.as_str(),
-                close_code = close,
-                frames_published = published,
-                frames_dropped = dropped,
-                "stream ended"
-            );
+            stream_ended!(info);
         }
     }
     if c.counted_open {
