@@ -173,6 +173,8 @@ label_enum! {
         AfterStop => "after_stop",
         /// `streamSid` differs from the one in `start`.
         StreamSidMismatch => "stream_sid_mismatch",
+        /// A field the gateway reads appears twice in one object.
+        DuplicateField => "duplicate_field",
         /// `mediaFormat` other than μ-law 8 kHz mono.
         UnsupportedMediaFormat => "unsupported_media_format",
         /// A binary frame.

@@ -172,6 +172,9 @@ impl SessionError {
             ParseError::StreamSidMismatch => {
                 (close_code::POLICY, ProtocolErrorKind::StreamSidMismatch)
             }
+            ParseError::DuplicateField(_) => {
+                (close_code::POLICY, ProtocolErrorKind::DuplicateField)
+            }
         };
         SessionError::new(code, kind, e.to_string())
     }

@@ -420,6 +420,29 @@ async fn hostile_peers_fail_alone_while_good_streams_run_bit_exact() {
     })
     .await;
 
+    // --- a field the gateway reads, twice in one object: which payload would count is what
+    // two parsers can disagree on, so neither is published and the stream is closed.
+    let sid_d = sid("MZ", 33);
+    s.case(&gw, "duplicate_field", async {
+        let mut c = started(&gw, &sid_d, 1).await;
+        let second = base64_simd::STANDARD.encode_to_string(bad_chunk(&sid_d, 2));
+        let msg = media(&sid_d, 3, "inbound", 2, 20, &bad_chunk(&sid_d, 1)).replacen(
+            "\"media\":{",
+            &format!("\"media\":{{\"payload\":\"{second}\","),
+            1,
+        );
+        assert_eq!(msg.matches("\"payload\"").count(), 2, "{msg}");
+        c.send(&msg).await;
+        expect_close(&mut c, 1008, Some("duplicate field media.payload")).await;
+    })
+    .await;
+    s.expects.push(keyed(
+        &sid_d,
+        "error",
+        &["duplicate_field"],
+        vec![bad_chunk(&sid_d, 0)],
+    ));
+
     // --- media before start.
     s.case(&gw, "media_before_start", async {
         let mut c = connect(&gw).await;

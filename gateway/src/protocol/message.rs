@@ -237,6 +237,10 @@ pub enum ParseError {
     /// A `start` whose top-level `streamSid` and `start.streamSid` differ.
     #[error("streamSid differs from start.streamSid")]
     StreamSidMismatch,
+    /// A field the gateway reads appears twice in one object (or a custom parameter name
+    /// twice): which value would count is exactly what two parsers may disagree on.
+    #[error("duplicate field {0}")]
+    DuplicateField(&'static str),
 }
 
 impl ParseError {
@@ -251,6 +255,7 @@ impl ParseError {
             ParseError::InvalidNumber(_) => "invalid_number",
             ParseError::InvalidTrack => "invalid_track",
             ParseError::StreamSidMismatch => "stream_sid_mismatch",
+            ParseError::DuplicateField(_) => "duplicate_field",
         }
     }
 }
@@ -377,6 +382,17 @@ fn require<T>(v: Option<T>, field: &'static str) -> Result<T, ParseError> {
     v.ok_or(ParseError::MissingField(field))
 }
 
+/// Stores a known field's value; a second occurrence of the key in the same object is refused
+/// (RFC 8259 leaves duplicate names' meaning open, so the gateway picks no winner).
+#[inline]
+fn set<T>(slot: &mut Option<T>, value: T, field: &'static str) -> Result<(), ParseError> {
+    if slot.is_some() {
+        return Err(ParseError::DuplicateField(field));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
 fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
     if !matches!(nodes.first(), Some(Node::Object { .. })) {
         return Err(ParseError::NotAnObject);
@@ -389,14 +405,27 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
     let mut protocol = None;
     let mut version = None;
     let mut unknown_fields = 0u32;
+    // Which event bodies were seen (one bit each), to refuse a repeated one.
+    let mut bodies = 0u8;
     for (key, v) in fields(nodes, 0) {
         match key {
-            "event" => event = Some(string(nodes, v, "event")?),
-            "sequenceNumber" => seq_raw = Some(v),
-            "streamSid" => stream_sid = Some(string(nodes, v, "streamSid")?),
-            "protocol" => protocol = Some(v),
-            "version" => version = Some(v),
+            "event" => set(&mut event, string(nodes, v, "event")?, "event")?,
+            "sequenceNumber" => set(&mut seq_raw, v, "sequenceNumber")?,
+            "streamSid" => set(&mut stream_sid, string(nodes, v, "streamSid")?, "streamSid")?,
+            "protocol" => set(&mut protocol, v, "protocol")?,
+            "version" => set(&mut version, v, "version")?,
             "start" | "media" | "dtmf" | "mark" | "stop" => {
+                let (bit, name) = match key {
+                    "start" => (1, "start"),
+                    "media" => (2, "media"),
+                    "dtmf" => (4, "dtmf"),
+                    "mark" => (8, "mark"),
+                    _ => (16, "stop"),
+                };
+                if bodies & bit != 0 {
+                    return Err(ParseError::DuplicateField(name));
+                }
+                bodies |= bit;
                 // Remember the first body; `body_for` below re-searches in the (never seen)
                 // case of a message carrying another event's body first.
                 if body.is_none() {
@@ -439,10 +468,18 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
             let (mut track, mut chunk, mut ts, mut payload) = (None, None, None, None);
             for (key, v) in fields(nodes, b) {
                 match key {
-                    "track" => track = Some(string(nodes, v, "media.track")?),
-                    "chunk" => chunk = Some(number_string(nodes, v, "media.chunk")?),
-                    "timestamp" => ts = Some(media_timestamp(nodes, v)?),
-                    "payload" => payload = Some(string(nodes, v, "media.payload")?),
+                    "track" => set(&mut track, string(nodes, v, "media.track")?, "media.track")?,
+                    "chunk" => set(
+                        &mut chunk,
+                        number_string(nodes, v, "media.chunk")?,
+                        "media.chunk",
+                    )?,
+                    "timestamp" => set(&mut ts, media_timestamp(nodes, v)?, "media.timestamp")?,
+                    "payload" => set(
+                        &mut payload,
+                        string(nodes, v, "media.payload")?,
+                        "media.payload",
+                    )?,
                     _ => unknown_fields += 1,
                 }
             }
@@ -466,16 +503,32 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
             let mut tracks = Vec::new();
             let mut have_tracks = false;
             let mut custom_parameters = Vec::new();
+            let mut have_params = false;
             let mut media_format = None;
             for (key, v) in fields(nodes, b) {
                 match key {
-                    "streamSid" => inner_sid = Some(string(nodes, v, "start.streamSid")?),
-                    "accountSid" => account = Some(string(nodes, v, "start.accountSid")?),
-                    "callSid" => call = Some(string(nodes, v, "start.callSid")?),
+                    "streamSid" => set(
+                        &mut inner_sid,
+                        string(nodes, v, "start.streamSid")?,
+                        "start.streamSid",
+                    )?,
+                    "accountSid" => set(
+                        &mut account,
+                        string(nodes, v, "start.accountSid")?,
+                        "start.accountSid",
+                    )?,
+                    "callSid" => set(
+                        &mut call,
+                        string(nodes, v, "start.callSid")?,
+                        "start.callSid",
+                    )?,
                     "tracks" => {
                         let Node::Array { len, .. } = nodes[v] else {
                             return Err(ParseError::WrongType("start.tracks"));
                         };
+                        if have_tracks {
+                            return Err(ParseError::DuplicateField("start.tracks"));
+                        }
                         have_tracks = true;
                         let mut p = v + 1;
                         for _ in 0..len {
@@ -489,8 +542,18 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
                     }
                     "customParameters" => match nodes[v] {
                         Node::Object { .. } => {
+                            if have_params {
+                                return Err(ParseError::DuplicateField("start.customParameters"));
+                            }
+                            have_params = true;
                             for (name, pv) in fields(nodes, v) {
                                 let value = string(nodes, pv, "start.customParameters")?;
+                                // Once per stream, a handful of names: a scan is enough.
+                                if custom_parameters.iter().any(|(n, _)| *n == name) {
+                                    return Err(ParseError::DuplicateField(
+                                        "start.customParameters",
+                                    ));
+                                }
                                 custom_parameters.push((name, value));
                             }
                         }
@@ -501,18 +564,27 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
                         if !matches!(nodes[v], Node::Object { .. }) {
                             return Err(ParseError::WrongType("start.mediaFormat"));
                         }
+                        if media_format.is_some() {
+                            return Err(ParseError::DuplicateField("start.mediaFormat"));
+                        }
                         let (mut enc, mut rate, mut ch) = (None, None, None);
                         for (k, fv) in fields(nodes, v) {
                             match k {
-                                "encoding" => {
-                                    enc = Some(string(nodes, fv, "mediaFormat.encoding")?)
-                                }
-                                "sampleRate" => {
-                                    rate = Some(json_uint(nodes, fv, "mediaFormat.sampleRate")?)
-                                }
-                                "channels" => {
-                                    ch = Some(json_uint(nodes, fv, "mediaFormat.channels")?)
-                                }
+                                "encoding" => set(
+                                    &mut enc,
+                                    string(nodes, fv, "mediaFormat.encoding")?,
+                                    "mediaFormat.encoding",
+                                )?,
+                                "sampleRate" => set(
+                                    &mut rate,
+                                    json_uint(nodes, fv, "mediaFormat.sampleRate")?,
+                                    "mediaFormat.sampleRate",
+                                )?,
+                                "channels" => set(
+                                    &mut ch,
+                                    json_uint(nodes, fv, "mediaFormat.channels")?,
+                                    "mediaFormat.channels",
+                                )?,
                                 _ => unknown_fields += 1,
                             }
                         }
@@ -550,8 +622,8 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
             let (mut track, mut digit) = (None, None);
             for (key, v) in fields(nodes, b) {
                 match key {
-                    "track" => track = Some(string(nodes, v, "dtmf.track")?),
-                    "digit" => digit = Some(string(nodes, v, "dtmf.digit")?),
+                    "track" => set(&mut track, string(nodes, v, "dtmf.track")?, "dtmf.track")?,
+                    "digit" => set(&mut digit, string(nodes, v, "dtmf.digit")?, "dtmf.digit")?,
                     _ => unknown_fields += 1,
                 }
             }
@@ -570,7 +642,7 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
             let mut name = None;
             for (key, v) in fields(nodes, b) {
                 match key {
-                    "name" => name = Some(string(nodes, v, "mark.name")?),
+                    "name" => set(&mut name, string(nodes, v, "mark.name")?, "mark.name")?,
                     _ => unknown_fields += 1,
                 }
             }
@@ -587,10 +659,16 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
                     Node::Object { .. } => {
                         for (key, v) in fields(nodes, b) {
                             match key {
-                                "accountSid" => {
-                                    account_sid = Some(string(nodes, v, "stop.accountSid")?)
-                                }
-                                "callSid" => call_sid = Some(string(nodes, v, "stop.callSid")?),
+                                "accountSid" => set(
+                                    &mut account_sid,
+                                    string(nodes, v, "stop.accountSid")?,
+                                    "stop.accountSid",
+                                )?,
+                                "callSid" => set(
+                                    &mut call_sid,
+                                    string(nodes, v, "stop.callSid")?,
+                                    "stop.callSid",
+                                )?,
                                 _ => unknown_fields += 1,
                             }
                         }

@@ -125,6 +125,15 @@ fn dtmf_mark_stop() {
 }
 
 #[test]
+fn repeated_unknown_fields_are_not_duplicates() {
+    // Only fields the gateway reads are checked: a repeated unknown key is counted twice, and
+    // another event's body beside this one's is not a repetition.
+    let m = p(r#"{"event":"media","x":1,"x":2,"sequenceNumber":"1","start":{},"media":{"track":"inbound","y":0,"y":0,"chunk":"1","timestamp":"0","payload":"AA=="}}"#).unwrap();
+    assert!(matches!(m.message, Message::Media(_)));
+    assert_eq!(m.unknown_fields, 4);
+}
+
+#[test]
 fn unknown_event_is_tolerated() {
     let m = p(r#"{"event":"transcription","sequenceNumber":"7","streamSid":"MZ1","transcription":{"text":"hi"}}"#).unwrap();
     assert_eq!(
@@ -171,6 +180,27 @@ fn malformed_inputs_have_specific_errors() {
         (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":"8000","channels":1}}}"#, ParseError::WrongType("mediaFormat.sampleRate")),
         (br#"{"event":"dtmf","dtmf":{"track":"inbound_track"}}"#, ParseError::MissingField("dtmf.digit")),
         (br#"{"event":"mark","mark":{}}"#, ParseError::MissingField("mark.name")),
+        // A field the gateway reads, twice in one object: no winner is picked.
+        (br#"{"event":"media","event":"stop","sequenceNumber":"1","media":{"track":"inbound","chunk":"1","timestamp":"0","payload":"AA=="}}"#, ParseError::DuplicateField("event")),
+        (br#"{"event":"media","sequenceNumber":"1","sequenceNumber":"2","media":{"track":"inbound","chunk":"1","timestamp":"0","payload":"AA=="}}"#, ParseError::DuplicateField("sequenceNumber")),
+        (br#"{"event":"media","streamSid":"MZa","sequenceNumber":"1","media":{"track":"inbound","chunk":"1","timestamp":"0","payload":"AA=="},"streamSid":"MZb"}"#, ParseError::DuplicateField("streamSid")),
+        (br#"{"event":"media","sequenceNumber":"1","media":{"track":"inbound","chunk":"1","timestamp":"0","payload":"AA=="},"media":{"track":"inbound","chunk":"1","timestamp":"0","payload":"AA=="}}"#, ParseError::DuplicateField("media")),
+        (br#"{"event":"media","sequenceNumber":"1","media":{"track":"inbound","track":"outbound","chunk":"1","timestamp":"0","payload":"AA=="}}"#, ParseError::DuplicateField("media.track")),
+        (br#"{"event":"media","sequenceNumber":"1","media":{"track":"inbound","chunk":"1","chunk":"2","timestamp":"0","payload":"AA=="}}"#, ParseError::DuplicateField("media.chunk")),
+        (br#"{"event":"media","sequenceNumber":"1","media":{"track":"inbound","chunk":"1","timestamp":"0","timestamp":"20","payload":"AA=="}}"#, ParseError::DuplicateField("media.timestamp")),
+        (br#"{"event":"media","sequenceNumber":"1","media":{"track":"inbound","chunk":"1","timestamp":"0","payload":"AA==","payload":"/w=="}}"#, ParseError::DuplicateField("media.payload")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","streamSid":"MZ2","accountSid":"AC","callSid":"CA","tracks":["inbound"]}}"#, ParseError::DuplicateField("start.streamSid")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","accountSid":"AC2","callSid":"CA","tracks":["inbound"]}}"#, ParseError::DuplicateField("start.accountSid")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","callSid":"CA2","tracks":["inbound"]}}"#, ParseError::DuplicateField("start.callSid")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"tracks":["outbound"]}}"#, ParseError::DuplicateField("start.tracks")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"customParameters":{"a":"1"},"customParameters":{"b":"2"}}}"#, ParseError::DuplicateField("start.customParameters")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"customParameters":{"a":"1","a":"2"}}}"#, ParseError::DuplicateField("start.customParameters")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1},"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}"#, ParseError::DuplicateField("start.mediaFormat")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"sampleRate":16000,"channels":1}}}"#, ParseError::DuplicateField("mediaFormat.sampleRate")),
+        (br#"{"event":"dtmf","dtmf":{"track":"inbound_track","digit":"1","digit":"2"}}"#, ParseError::DuplicateField("dtmf.digit")),
+        (br#"{"event":"mark","mark":{"name":"a","name":"b"}}"#, ParseError::DuplicateField("mark.name")),
+        (br#"{"event":"stop","stop":{"accountSid":"AC","callSid":"CA","callSid":"CB"}}"#, ParseError::DuplicateField("stop.callSid")),
+        (br#"{"event":"connected","protocol":"Call","protocol":"Call","version":"1.0.0"}"#, ParseError::DuplicateField("protocol")),
     ];
     for (input, expect) in cases {
         let mut buf = input.to_vec();
