@@ -522,7 +522,9 @@ async fn clear_discards_pending_audio_and_returns_pending_marks_unplayed() {
         d.contains(&Down::Mark("m1".into()))
     })
     .await;
-    // The barge-in: clear. Twilio discards its buffer and echoes pending marks at once.
+    // Let some of it play (so the recording has a played part to keep), then the barge-in:
+    // clear. Twilio discards its buffer and echoes pending marks at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     play(&p, &topic, partition, &c.sid, Play::Clear);
     c.wait("clear", Duration::from_secs(10), |d| {
         d.contains(&Down::Clear)
@@ -593,11 +595,12 @@ async fn clear_discards_pending_audio_and_returns_pending_marks_unplayed() {
     let new = mine.last().expect("the audio after the clear is recorded");
     assert_eq!(new.value, ulaw_to_pcm(&audio[56000..56800]));
     assert_eq!(new.h("chunks"), "5");
-    assert!(mine.len() <= 2, "{} records", mine.len());
+    assert_eq!(mine.len(), 2, "the played part, then the new audio");
     if let [cut, new] = mine[..] {
         let frames: usize = cut.h("chunks").parse().unwrap();
+        // ≥ 300 ms had played when the clear went out; far less than 7 s.
         assert!(
-            (1..350).contains(&frames),
+            (15..350).contains(&frames),
             "{frames} of 350 frames recorded"
         );
         assert_eq!(cut.value, ulaw_to_pcm(&audio[..frames * 160]), "a prefix");
@@ -620,6 +623,10 @@ async fn played_audio_is_recorded_once_played_while_the_call_goes_on() {
     c.media(&audio, 5).await;
     let (topic, partition) = route(&gw, &c.sid).await;
     let p = producer();
+    let before_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
     play(&p, &topic, partition, &c.sid, Play::Ulaw(&audio[..4000]));
     c.wait("0.5 s of audio", Duration::from_secs(10), |d| {
         media_bytes(d).len() == 4000
@@ -644,6 +651,14 @@ async fn played_audio_is_recorded_once_played_while_the_call_goes_on() {
     assert_eq!(mine[0].value, ulaw_to_pcm(&audio[..4000]));
     assert_eq!(mine[0].h("chunks"), "25");
     assert_eq!(mine[0].h("source"), "playback");
+    // Recorded once played, not when written: its playout began after `before_us` and lasts
+    // 500 ms (the record's `received_at_us` is when the gateway recorded it).
+    let recorded_at: u64 = mine[0].h("received_at_us").parse().unwrap();
+    assert!(
+        recorded_at >= before_us + 490_000,
+        "recorded {} ms after the playback record was produced",
+        (recorded_at - before_us) / 1000
+    );
     c.stop().await;
     let evs = events_until(&gw, &c.sid, "stop").await;
     let stop = evs.iter().find(|e| e["type"] == "stop").unwrap();

@@ -314,6 +314,21 @@ impl Shared {
         );
     }
 
+    /// Holds the written part of a record a clear interrupts, just before the clear's
+    /// [`Shared::release_held`] cut, without the bounds: it is in memory already, and the cut
+    /// frees it with the rest (recording it early would keep what Twilio discarded).
+    pub fn hold_for_cut(&self, h: HeldAudio, bounds: &Bounds) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let len = h.bytes.len() as u64;
+        held.bytes += len;
+        bounds.held.fetch_add(len, Ordering::Relaxed);
+        held.q.push_back(h);
+        self.held_due_us.store(
+            held.q.front().map_or(i64::MAX, HeldAudio::ends_us),
+            Ordering::Relaxed,
+        );
+    }
+
     /// Records the held audio that has finished playing by `until_us` (µs on the timeline;
     /// `i64::MAX`: all of it). With `cut` (a clear written at `until_us`), also the frames of
     /// the audio then playing that had played in full, and forgets the rest: Twilio discarded
@@ -668,6 +683,26 @@ mod tests {
         assert_eq!(b.held.load(Ordering::Relaxed), 8000);
         s1.forget_held(&b);
         assert_eq!(b.held.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_clear_at_the_bound_cuts_before_anything_is_recorded_early() {
+        // Room for 1.5 s: A (1 s, playing) is held; a clear 0.5 s in interrupts B, of which
+        // 1 s was written. Holding B under the bound would record A in full first.
+        let s = Shared::default();
+        let b = held_bounds(12_000, 1 << 20);
+        let r = Rec::default();
+        s.hold(audio(1, 0, 1), &b, &r);
+        s.hold_for_cut(audio(1, 1_000_000, 51), &b);
+        assert!(r.0.borrow().is_empty());
+        s.release_held(500_000, true, &b, &r);
+        assert_eq!(
+            *r.0.borrow(),
+            [(25 * 160, 0, 1)],
+            "what had played of A only"
+        );
+        assert_eq!(b.held.load(Ordering::Relaxed), 0);
+        assert_eq!(s.held_due_us.load(Ordering::Relaxed), i64::MAX);
     }
 
     #[test]

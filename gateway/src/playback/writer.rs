@@ -67,7 +67,7 @@ struct Current {
     produced_ms: i64,
     /// Where its first frame plays on the stream's timeline, µs.
     starts_us: i64,
-    /// Number (1-based) of its first frame among the stream's played frames.
+    /// Number (1-based) of its first frame among the stream's written frames.
     first_frame: u64,
 }
 
@@ -89,7 +89,7 @@ pub struct PlaybackIo<S> {
     stop: bool,
     /// Where (stream timeline, µs) the audio written so far ends playing at Twilio.
     playout_end_us: i64,
-    /// Frames recorded so far (the `chunk` and `seq` of recorded playback).
+    /// Frames written so far (numbering them: the `chunk` and `seq` of recorded playback).
     recorded: u64,
     /// Tells the watchdog below when part of a frame is on the wire (no ping then).
     gate: Option<FrameGate>,
@@ -358,8 +358,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
                 .counters
                 .bytes_cleared
                 .fetch_add(left, Ordering::Relaxed);
-            // What of it was sent may have played: held like the rest, cut below.
-            self.hold(attached, cur);
+            // What of it was sent may have played: cut below with the rest, never recorded
+            // early by the held-audio bound (the cut frees it all at once).
+            if let Some(h) = Self::written(cur) {
+                self.shared.hold_for_cut(h, &self.bounds);
+            }
         }
         self.json.clear();
         self.json
@@ -453,17 +456,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
     /// Holds the written part of a playback record until it has played: its frames were
     /// written together, so they play contiguously from the first one's place.
     fn hold(&self, attached: &Attached, cur: Current) {
+        if let Some(h) = Self::written(cur) {
+            self.shared.hold(h, &self.bounds, &attached.recorder());
+        }
+    }
+
+    /// The written part of a playback record, if any.
+    fn written(cur: Current) -> Option<HeldAudio> {
         if cur.pos == 0 {
-            return;
+            return None;
         }
         let mut bytes = cur.bytes;
         bytes.truncate(cur.pos);
-        let h = HeldAudio {
+        Some(HeldAudio {
             bytes,
             starts_us: cur.starts_us,
             first_frame: cur.first_frame,
-        };
-        self.shared.hold(h, &self.bounds, &attached.recorder());
+        })
     }
 }
 

@@ -540,26 +540,33 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
                             p = skip(nodes, p);
                         }
                     }
-                    "customParameters" => match nodes[v] {
-                        Node::Object { .. } => {
-                            if have_params {
-                                return Err(ParseError::DuplicateField("start.customParameters"));
-                            }
-                            have_params = true;
-                            for (name, pv) in fields(nodes, v) {
-                                let value = string(nodes, pv, "start.customParameters")?;
-                                // Once per stream, a handful of names: a scan is enough.
-                                if custom_parameters.iter().any(|(n, _)| *n == name) {
+                    "customParameters" => {
+                        // `null` is a value too: `null` and an object side by side would be
+                        // read as no parameters by a last-wins parser, as some by a first-wins one.
+                        if have_params {
+                            return Err(ParseError::DuplicateField("start.customParameters"));
+                        }
+                        have_params = true;
+                        match nodes[v] {
+                            Node::Object { .. } => {
+                                for (name, pv) in fields(nodes, v) {
+                                    let value = string(nodes, pv, "start.customParameters")?;
+                                    custom_parameters.push((name, value));
+                                }
+                                // Sorted copy of the names: n log n however many a message holds.
+                                let mut names: Vec<&str> =
+                                    custom_parameters.iter().map(|(n, _)| *n).collect();
+                                names.sort_unstable();
+                                if names.windows(2).any(|w| w[0] == w[1]) {
                                     return Err(ParseError::DuplicateField(
                                         "start.customParameters",
                                     ));
                                 }
-                                custom_parameters.push((name, value));
                             }
+                            Node::Static(StaticNode::Null) => {}
+                            _ => return Err(ParseError::WrongType("start.customParameters")),
                         }
-                        Node::Static(StaticNode::Null) => {}
-                        _ => return Err(ParseError::WrongType("start.customParameters")),
-                    },
+                    }
                     "mediaFormat" => {
                         if !matches!(nodes[v], Node::Object { .. }) {
                             return Err(ParseError::WrongType("start.mediaFormat"));

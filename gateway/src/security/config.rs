@@ -307,11 +307,15 @@ impl SecurityConfig {
         } else {
             a.twiml_parameters
         };
-        let parameters: Vec<String> = parameters
+        let mut parameters: Vec<String> = parameters
             .into_iter()
             .map(|p| p.trim().to_owned())
             .filter(|p| !p.is_empty())
             .collect();
+        // One `<Parameter>` per name: Twilio would forward a repeated name twice in
+        // `customParameters`, which the parser refuses (decision 54).
+        let mut seen = std::collections::HashSet::new();
+        parameters.retain(|p| seen.insert(p.clone()));
         SecurityConfig {
             tls,
             public_url,
@@ -467,6 +471,13 @@ mod tests {
         ]);
         assert!(e.is_empty(), "{e:?}");
         assert_eq!(c.twiml.then, ThenVerb::None);
+        assert_eq!(c.twiml.parameters, ["From", "To"]);
+        // A repeated name once: Twilio would send it twice, which the parser refuses.
+        let (c, _) = parse(&[
+            "--insecure-skip-signature",
+            "--twiml-parameters",
+            "From,To, From",
+        ]);
         assert_eq!(c.twiml.parameters, ["From", "To"]);
         let (_, e) = parse(&[
             "--insecure-skip-signature",

@@ -201,6 +201,18 @@ fn malformed_inputs_have_specific_errors() {
         (br#"{"event":"mark","mark":{"name":"a","name":"b"}}"#, ParseError::DuplicateField("mark.name")),
         (br#"{"event":"stop","stop":{"accountSid":"AC","callSid":"CA","callSid":"CB"}}"#, ParseError::DuplicateField("stop.callSid")),
         (br#"{"event":"connected","protocol":"Call","protocol":"Call","version":"1.0.0"}"#, ParseError::DuplicateField("protocol")),
+        (br#"{"event":"connected","protocol":"Call","version":"1.0.0","version":"2.0.0"}"#, ParseError::DuplicateField("version")),
+        (br#"{"event":"dtmf","dtmf":{"track":"inbound_track","track":"outbound_track","digit":"1"}}"#, ParseError::DuplicateField("dtmf.track")),
+        (br#"{"event":"stop","stop":{"accountSid":"AC","accountSid":"AD","callSid":"CA"}}"#, ParseError::DuplicateField("stop.accountSid")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"mediaFormat":{"encoding":"audio/x-mulaw","encoding":"audio/x-l16","sampleRate":8000,"channels":1}}}"#, ParseError::DuplicateField("mediaFormat.encoding")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1,"channels":2}}}"#, ParseError::DuplicateField("mediaFormat.channels")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"customParameters":null,"customParameters":{"a":"1"}}}"#, ParseError::DuplicateField("start.customParameters")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"customParameters":{"a":"1"},"customParameters":null}}"#, ParseError::DuplicateField("start.customParameters")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"],"customParameters":{"z":"1","b":"2","y":"3","b":"4"}}}"#, ParseError::DuplicateField("start.customParameters")),
+        (br#"{"event":"start","start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"]},"start":{"streamSid":"MZ","accountSid":"AC","callSid":"CA","tracks":["inbound"]}}"#, ParseError::DuplicateField("start")),
+        (br#"{"event":"dtmf","dtmf":{"digit":"1"},"dtmf":{"digit":"2"}}"#, ParseError::DuplicateField("dtmf")),
+        (br#"{"event":"mark","mark":{"name":"a"},"mark":{"name":"b"}}"#, ParseError::DuplicateField("mark")),
+        (br#"{"event":"stop","stop":{},"stop":{}}"#, ParseError::DuplicateField("stop")),
     ];
     for (input, expect) in cases {
         let mut buf = input.to_vec();
