@@ -10,11 +10,6 @@
 //! A `clear` must act before the media queued ahead of it: the consumer bumps the stream's
 //! *clear generation* before queueing it, so the writer learns of the clear at its next poll,
 //! sends it at once, and discards every queued item stamped with an older generation.
-//!
-//! Audio written to the socket is *held* ([`Held`]) until it has played on the stream's
-//! timeline (or a mark written after it comes back played), and only then recorded on the
-//! outbound topic: a `clear` cuts what Twilio discarded out of the recording instead of
-//! leaving it there, overlapping the audio played after the clear (decision 55).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -35,42 +30,6 @@ pub struct Queued {
     pub generation: u64,
     /// When the playback record was produced (its Kafka timestamp), unix ms.
     pub produced_ms: i64,
-}
-
-/// Audio written to the socket whose playout has not ended yet.
-#[derive(Debug)]
-pub struct HeldAudio {
-    /// The μ-law written.
-    pub bytes: Vec<u8>,
-    /// Where its first frame plays, µs on the stream's timeline.
-    pub starts_us: i64,
-    /// Number (1-based) of its first frame among the stream's written frames.
-    pub first_frame: u64,
-}
-
-impl HeldAudio {
-    /// Where it ends playing, µs on the stream's timeline (8 μ-law bytes per ms).
-    pub fn ends_us(&self) -> i64 {
-        self.starts_us
-            .saturating_add(self.bytes.len() as i64 * US_PER_BYTE)
-    }
-}
-
-/// µs of audio per μ-law byte at 8 kHz.
-pub const US_PER_BYTE: i64 = 125;
-
-/// A stream's held audio, oldest first.
-#[derive(Debug, Default)]
-pub struct Held {
-    q: VecDeque<HeldAudio>,
-    bytes: u64,
-}
-
-/// Where held audio goes once it has played (the stream's recorder).
-pub trait Recorder {
-    /// Records `ulaw`, played from `starts_us` on the timeline, its first frame numbered
-    /// `first_frame`.
-    fn record_played(&self, ulaw: &[u8], starts_us: i64, first_frame: u64);
 }
 
 /// A sent mark waiting for Twilio's echo.
@@ -224,12 +183,6 @@ pub struct Shared {
     /// When the connection opened (process monotonic clock, µs): no chunk of the stream can be
     /// stamped later than the time since then, give or take [`MAX_AHEAD_US`].
     pub opened_mono_us: u64,
-    /// Audio written and not yet played (see the module docs). Touched once per playback
-    /// record and when something is due, never per frame; uncontended (the connection's task).
-    pub held: Mutex<Held>,
-    /// Where the oldest held audio ends playing (µs on the timeline), `i64::MAX` when none:
-    /// one relaxed load per poll tells the writer whether anything is due.
-    pub held_due_us: AtomicI64,
 }
 
 impl Shared {
@@ -254,8 +207,6 @@ impl Default for Shared {
             counters: Counters::default(),
             closed: std::sync::atomic::AtomicBool::new(false),
             accept: Mutex::new(()),
-            held: Mutex::new(Held::default()),
-            held_due_us: AtomicI64::new(i64::MAX),
         }
     }
 }
@@ -274,108 +225,6 @@ impl Shared {
             .load(Ordering::Relaxed)
             .saturating_sub(c.finished.load(Ordering::Relaxed));
         c.summary(unfinished)
-    }
-}
-
-impl Shared {
-    /// Holds audio just written until it has played. When holding it would pass the bounds
-    /// (`--playback-buffer` for the stream, `--playback-max-bytes` for the process, each also
-    /// counted apart from the queues), the oldest held audio is recorded as it is, at its
-    /// place, until it fits, and `h` itself is recorded at once if it still does not: memory
-    /// stays bounded and the recording stays in timeline order; only a later clear could then
-    /// leave unplayed audio in it.
-    pub fn hold(&self, h: HeldAudio, bounds: &Bounds, rec: &dyn Recorder) {
-        let len = h.bytes.len() as u64;
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let mut freed = 0u64;
-        while !held.q.is_empty()
-            && (held.bytes + len > bounds.per_stream
-                || bounds.held.load(Ordering::Relaxed) + len > bounds.total + freed)
-        {
-            if let Some(old) = held.q.pop_front() {
-                held.bytes -= old.bytes.len() as u64;
-                freed += old.bytes.len() as u64;
-                rec.record_played(&old.bytes, old.starts_us, old.first_frame);
-            }
-        }
-        bounds.held.fetch_sub(freed, Ordering::Relaxed);
-        if held.bytes + len > bounds.per_stream
-            || bounds.held.load(Ordering::Relaxed) + len > bounds.total
-        {
-            rec.record_played(&h.bytes, h.starts_us, h.first_frame);
-        } else {
-            held.bytes += len;
-            bounds.held.fetch_add(len, Ordering::Relaxed);
-            held.q.push_back(h);
-        }
-        self.held_due_us.store(
-            held.q.front().map_or(i64::MAX, HeldAudio::ends_us),
-            Ordering::Relaxed,
-        );
-    }
-
-    /// Holds the written part of a record a clear interrupts, just before the clear's
-    /// [`Shared::release_held`] cut, without the bounds: it is in memory already, and the cut
-    /// frees it with the rest (recording it early would keep what Twilio discarded).
-    pub fn hold_for_cut(&self, h: HeldAudio, bounds: &Bounds) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let len = h.bytes.len() as u64;
-        held.bytes += len;
-        bounds.held.fetch_add(len, Ordering::Relaxed);
-        held.q.push_back(h);
-        self.held_due_us.store(
-            held.q.front().map_or(i64::MAX, HeldAudio::ends_us),
-            Ordering::Relaxed,
-        );
-    }
-
-    /// Records the held audio that has finished playing by `until_us` (µs on the timeline;
-    /// `i64::MAX`: all of it). With `cut` (a clear written at `until_us`), also the frames of
-    /// the audio then playing that had played in full, and forgets the rest: Twilio discarded
-    /// it. Frames are whole: a frame cut while playing is not recorded, so nothing recorded
-    /// overlaps the audio played after the clear.
-    pub fn release_held(&self, until_us: i64, cut: bool, bounds: &Bounds, rec: &dyn Recorder) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let before = held.bytes;
-        while held.q.front().is_some_and(|h| h.ends_us() <= until_us) {
-            if let Some(h) = held.q.pop_front() {
-                held.bytes -= h.bytes.len() as u64;
-                rec.record_played(&h.bytes, h.starts_us, h.first_frame);
-            }
-        }
-        if cut {
-            if let Some(h) = held.q.pop_front() {
-                let played_us = until_us.saturating_sub(h.starts_us).max(0);
-                let frame = super::writer::FRAME_BYTES;
-                let whole = (played_us / US_PER_BYTE) as usize / frame * frame;
-                if whole > 0 {
-                    rec.record_played(
-                        &h.bytes[..whole.min(h.bytes.len())],
-                        h.starts_us,
-                        h.first_frame,
-                    );
-                }
-            }
-            held.q.clear();
-            held.bytes = 0;
-        }
-        bounds
-            .held
-            .fetch_sub(before - held.bytes, Ordering::Relaxed);
-        self.held_due_us.store(
-            held.q.front().map_or(i64::MAX, HeldAudio::ends_us),
-            Ordering::Relaxed,
-        );
-    }
-
-    /// Forgets held audio without recording it (the connection is gone and its terminal event,
-    /// which records what was held, was not published: a stream that never started).
-    pub fn forget_held(&self, bounds: &Bounds) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        bounds.held.fetch_sub(held.bytes, Ordering::Relaxed);
-        held.q.clear();
-        held.bytes = 0;
-        self.held_due_us.store(i64::MAX, Ordering::Relaxed);
     }
 }
 
@@ -441,8 +290,6 @@ pub struct Bounds {
     pub total: u64,
     /// Queued now, all streams.
     pub queued: AtomicU64,
-    /// Written and held until played, all streams (bounded by `total` on its own).
-    pub held: AtomicU64,
 }
 
 impl Route {
@@ -587,122 +434,8 @@ mod tests {
             per_stream,
             total,
             queued: AtomicU64::new(0),
-            held: AtomicU64::new(0),
         };
         (route, rx, bounds)
-    }
-
-    /// What the held audio recorded: (bytes, starts_us, first_frame).
-    #[derive(Default)]
-    struct Rec(std::cell::RefCell<Vec<(usize, i64, u64)>>);
-
-    impl Recorder for Rec {
-        fn record_played(&self, ulaw: &[u8], starts_us: i64, first_frame: u64) {
-            self.0
-                .borrow_mut()
-                .push((ulaw.len(), starts_us, first_frame));
-        }
-    }
-
-    fn held_bounds(per_stream: u64, total: u64) -> Bounds {
-        Bounds {
-            per_stream,
-            total,
-            queued: AtomicU64::new(0),
-            held: AtomicU64::new(0),
-        }
-    }
-
-    fn audio(secs: usize, starts_us: i64, first_frame: u64) -> HeldAudio {
-        HeldAudio {
-            bytes: vec![0xff; secs * 8000],
-            starts_us,
-            first_frame,
-        }
-    }
-
-    #[test]
-    fn held_audio_is_recorded_once_played_and_a_clear_keeps_whole_played_frames() {
-        let s = Shared::default();
-        let b = held_bounds(1 << 20, 1 << 20);
-        let r = Rec::default();
-        // 1 s from the timeline's 0 (frames 1-50), then 1 s from 1 s (frames 51-100).
-        s.hold(audio(1, 0, 1), &b, &r);
-        s.hold(audio(1, 1_000_000, 51), &b, &r);
-        assert_eq!(s.held_due_us.load(Ordering::Relaxed), 1_000_000);
-        assert_eq!(b.held.load(Ordering::Relaxed), 16_000);
-        s.release_held(999_999, false, &b, &r);
-        assert!(r.0.borrow().is_empty(), "not played yet");
-        s.release_held(1_000_000, false, &b, &r);
-        assert_eq!(*r.0.borrow(), [(8000, 0, 1)]);
-        assert_eq!(s.held_due_us.load(Ordering::Relaxed), 2_000_000);
-        assert_eq!(b.held.load(Ordering::Relaxed), 8000);
-        // A clear 250 ms into the second: 12 whole frames (240 ms) had played, the 13th is cut.
-        s.release_held(1_250_000, true, &b, &r);
-        assert_eq!(*r.0.borrow(), [(8000, 0, 1), (12 * 160, 1_000_000, 51)]);
-        assert_eq!(s.held_due_us.load(Ordering::Relaxed), i64::MAX);
-        assert_eq!(b.held.load(Ordering::Relaxed), 0);
-        // A clear before anything played records nothing; the stream's end records all.
-        s.hold(audio(1, 2_000_000, 101), &b, &r);
-        s.release_held(1_990_000, true, &b, &r);
-        assert_eq!(r.0.borrow().len(), 2);
-        s.hold(audio(1, 3_000_000, 151), &b, &r);
-        s.release_held(i64::MAX, false, &b, &r);
-        assert_eq!(r.0.borrow()[2], (8000, 3_000_000, 151));
-        assert_eq!(b.held.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn held_audio_past_its_bounds_records_the_oldest_as_it_is() {
-        let r = Rec::default();
-        // Per stream: room for 1.5 s.
-        let s = Shared::default();
-        let b = held_bounds(12_000, 1 << 20);
-        s.hold(audio(1, 0, 1), &b, &r);
-        s.hold(audio(1, 1_000_000, 51), &b, &r);
-        assert_eq!(*r.0.borrow(), [(8000, 0, 1)], "the oldest, to make room");
-        assert_eq!(b.held.load(Ordering::Relaxed), 8000);
-        // A record larger than the bound on its own is recorded at once, after the older one.
-        s.hold(audio(2, 2_000_000, 101), &b, &r);
-        assert_eq!(
-            *r.0.borrow(),
-            [
-                (8000, 0, 1),
-                (8000, 1_000_000, 51),
-                (16_000, 2_000_000, 101)
-            ]
-        );
-        assert_eq!(b.held.load(Ordering::Relaxed), 0);
-        assert_eq!(s.held_due_us.load(Ordering::Relaxed), i64::MAX);
-        // For the process: a second stream finds the total taken by the first.
-        let b = held_bounds(1 << 20, 8000);
-        let (s1, s2, r2) = (Shared::default(), Shared::default(), Rec::default());
-        s1.hold(audio(1, 0, 1), &b, &r);
-        s2.hold(audio(1, 0, 1), &b, &r2);
-        assert_eq!(*r2.0.borrow(), [(8000, 0, 1)], "recorded at once");
-        assert_eq!(b.held.load(Ordering::Relaxed), 8000);
-        s1.forget_held(&b);
-        assert_eq!(b.held.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn a_clear_at_the_bound_cuts_before_anything_is_recorded_early() {
-        // Room for 1.5 s: A (1 s, playing) is held; a clear 0.5 s in interrupts B, of which
-        // 1 s was written. Holding B under the bound would record A in full first.
-        let s = Shared::default();
-        let b = held_bounds(12_000, 1 << 20);
-        let r = Rec::default();
-        s.hold(audio(1, 0, 1), &b, &r);
-        s.hold_for_cut(audio(1, 1_000_000, 51), &b);
-        assert!(r.0.borrow().is_empty());
-        s.release_held(500_000, true, &b, &r);
-        assert_eq!(
-            *r.0.borrow(),
-            [(25 * 160, 0, 1)],
-            "what had played of A only"
-        );
-        assert_eq!(b.held.load(Ordering::Relaxed), 0);
-        assert_eq!(s.held_due_us.load(Ordering::Relaxed), i64::MAX);
     }
 
     #[test]

@@ -104,11 +104,6 @@ impl Attached {
         }
     }
 
-    /// The stream's recorder for [`downlink::Shared::hold`] and friends.
-    pub fn recorder(&self) -> AttachedRecorder<'_> {
-        AttachedRecorder(self)
-    }
-
     /// A mark queued before a clear was never sent: its `mark` event says so, so the agent
     /// waiting for it is not left hanging.
     pub fn mark_discarded(&self, name: &str) {
@@ -122,19 +117,6 @@ impl Attached {
             },
         };
         self.sink.publish_stream_event(&self.entry, &ev);
-    }
-}
-
-/// [`Attached::record`] as the held-audio [`downlink::Recorder`].
-pub struct AttachedRecorder<'a>(&'a Attached);
-
-impl downlink::Recorder for AttachedRecorder<'_> {
-    fn record_played(&self, ulaw: &[u8], starts_us: i64, first_frame: u64) {
-        if !ulaw.is_empty() {
-            let frames = ulaw.len().div_ceil(writer::FRAME_BYTES) as u32;
-            self.0
-                .record(ulaw, starts_us.max(0) as u64 / 1000, first_frame, frames);
-        }
     }
 }
 
@@ -172,7 +154,6 @@ impl Playback {
             per_stream: cfg.per_stream_bytes,
             total: cfg.total_bytes,
             queued: AtomicU64::new(0),
-            held: AtomicU64::new(0),
         });
         let handle = consumer::spawn(
             kafka,
@@ -321,16 +302,6 @@ impl Downlink {
         let now = self.shared.timeline_now_us(crate::mono_micros());
         let m = &self.playback.inner.metrics;
         if echo.played {
-            // Twilio has played everything written before the mark: record it now, whatever
-            // the gateway's playout estimate says.
-            if let Some(a) = self.attached.get() {
-                self.shared.release_held(
-                    echo.due_us,
-                    false,
-                    &self.playback.inner.bounds,
-                    &a.recorder(),
-                );
-            }
             // How far Twilio's echo is from where the gateway placed the audio's end.
             m.playback_mark_alignment
                 .observe((now - echo.due_us).unsigned_abs() as f64 / 1e6);
@@ -343,15 +314,6 @@ impl Downlink {
 }
 
 impl Downlink {
-    /// The stream ended, its terminal event is next: records all the audio still held, in
-    /// full (what Twilio played of it at a hang-up cannot be told; see decision 55).
-    pub fn record_held(&self) {
-        if let Some(a) = self.attached.get() {
-            self.shared
-                .release_held(i64::MAX, false, &self.playback.inner.bounds, &a.recorder());
-        }
-    }
-
     /// The stream ended: the writer takes nothing more (it only writes out the frames it had
     /// already batched) and the consumer stops routing to it. Idempotent; dropping does it too.
     pub fn close(&mut self) {

@@ -20,11 +20,9 @@
 //! `clear` as soon as the consumer has read it (discarding everything queued before it). A
 //! `stop` ends the read with [`StoppedByControl`] once everything before it is written.
 //!
-//! The played audio is also recorded: each playback record becomes an outbound audio record
-//! (`source: playback`) placed on the stream's timeline where Twilio will play it — playout
-//! starts when media is sent while nothing is playing, advances in real time, and restarts at
-//! a clear. It is held ([`super::downlink::Held`]) until it has played, so that a clear cuts
-//! what Twilio discarded; a timer wakes the task when the oldest held audio is due.
+//! The played audio is also recorded: each frame becomes an outbound audio record (`source:
+//! playback`) placed on the stream's timeline where Twilio will play it — playout starts when
+//! media is sent while nothing is playing, advances in real time, and restarts at a clear.
 
 use std::io;
 use std::pin::Pin;
@@ -34,10 +32,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
 
 use super::command::Command;
-use super::downlink::{Bounds, HeldAudio, Queued, SentMark, Shared};
+use super::downlink::{Bounds, Queued, SentMark, Shared};
 use super::Attached;
 use crate::metrics::{Metrics, PlaybackDrop};
 use crate::watchdog::FrameGate;
@@ -65,9 +62,9 @@ struct Current {
     bytes: Vec<u8>,
     pos: usize,
     produced_ms: i64,
-    /// Where its first frame plays on the stream's timeline, µs.
-    starts_us: i64,
-    /// Number (1-based) of its first frame among the stream's written frames.
+    /// Where its first frame plays on the stream's timeline, ms.
+    starts_ms: u64,
+    /// Number (1-based) of its first frame among the stream's played frames.
     first_frame: u64,
 }
 
@@ -89,14 +86,10 @@ pub struct PlaybackIo<S> {
     stop: bool,
     /// Where (stream timeline, µs) the audio written so far ends playing at Twilio.
     playout_end_us: i64,
-    /// Frames written so far (numbering them: the `chunk` and `seq` of recorded playback).
+    /// Frames recorded so far (the `chunk` and `seq` of recorded playback).
     recorded: u64,
     /// Tells the watchdog below when part of a frame is on the wire (no ping then).
     gate: Option<FrameGate>,
-    /// Wakes the task when the oldest held audio has played (allocated at the first hold).
-    release_timer: Option<Pin<Box<Sleep>>>,
-    /// The `held_due_us` the timer is set for.
-    timer_due_us: i64,
 }
 
 impl<S> PlaybackIo<S> {
@@ -126,8 +119,6 @@ impl<S> PlaybackIo<S> {
             playout_end_us: i64::MIN,
             recorded: 0,
             gate: None,
-            release_timer: None,
-            timer_due_us: i64::MAX,
         }
     }
 
@@ -195,56 +186,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
         Poll::Ready(Ok(()))
     }
 
-    /// Moves the downlink forward and records held audio that has played; see the module
-    /// docs. `Err` ends the stream.
+    /// Moves the downlink forward; see the module docs. `Err` ends the stream.
     fn drive(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        let r = self.drive_downlink(cx);
-        if self.shared.held_due_us.load(Ordering::Relaxed) != i64::MAX
-            && !self.shared.closed.load(Ordering::Relaxed)
-        {
-            self.release_played(cx);
-        }
-        r
-    }
-
-    /// Records the held audio that has played, and sets the timer for the next.
-    fn release_played(&mut self, cx: &mut Context<'_>) {
-        let cell = Arc::clone(&self.attached);
-        let Some(attached) = cell.get() else {
-            return;
-        };
-        loop {
-            let due = self.shared.held_due_us.load(Ordering::Relaxed);
-            if due == i64::MAX {
-                return;
-            }
-            let now = self.now_on_timeline();
-            if now >= due {
-                self.shared
-                    .release_held(now, false, &self.bounds, &attached.recorder());
-                continue;
-            }
-            // A millisecond late rather than early: the timer wheel rounds to milliseconds, and
-            // firing before `due` would only set it again.
-            let deadline =
-                Instant::now() + std::time::Duration::from_micros((due - now) as u64 + 1000);
-            let timer = self
-                .release_timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if self.timer_due_us != due {
-                timer.as_mut().reset(deadline);
-                self.timer_due_us = due;
-            }
-            if std::future::Future::poll(timer.as_mut(), cx).is_pending() {
-                return;
-            }
-            // Fired: the audio is due now (the loop records it).
-            self.timer_due_us = i64::MAX;
-        }
-    }
-
-    /// Writes what the downlink has ready.
-    fn drive_downlink(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if self.shared.closed.load(Ordering::Relaxed) {
             // The stream ended (its terminal event is out): only write out the frames already
             // batched (at most 16 KiB; a half-written one must be finished).
@@ -330,7 +273,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
                         bytes,
                         pos: 0,
                         produced_ms: q.produced_ms,
-                        starts_us: 0,
+                        starts_ms: 0,
                         first_frame: 0,
                     });
                 }
@@ -358,11 +301,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
                 .counters
                 .bytes_cleared
                 .fetch_add(left, Ordering::Relaxed);
-            // What of it was sent may have played: cut below with the rest, never recorded
-            // early by the held-audio bound (the cut frees it all at once).
-            if let Some(h) = Self::written(cur) {
-                self.shared.hold_for_cut(h, &self.bounds);
-            }
+            // What of it was sent is what plays: record that part.
+            Self::record(attached, &cur, cur.pos);
         }
         self.json.clear();
         self.json
@@ -379,10 +319,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
         if let Ok(mut l) = self.shared.marks.lock() {
             l.cleared(now);
         }
-        // Twilio drops its buffer: what had played is recorded, the rest is not; playout
-        // restarts now.
-        self.shared
-            .release_held(now, true, &self.bounds, &attached.recorder());
+        // Twilio drops its buffer: playout restarts now.
         self.playout_end_us = now;
     }
 
@@ -436,7 +373,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
                 .playback_latency
                 .observe(lag_ms.max(0) as f64 / 1000.0);
             // The record's frames play back to back from here (they are written together).
-            cur.starts_us = start_us;
+            cur.starts_ms = start_us.max(0) as u64 / 1000;
             cur.first_frame = self.recorded;
         }
         let c = &self.shared.counters;
@@ -448,31 +385,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlaybackIo<S> {
         if cur.pos >= cur.bytes.len() {
             if let Some(done) = self.current.take() {
                 c.finished.fetch_add(1, Ordering::Relaxed);
-                self.hold(attached, done);
+                Self::record(attached, &done, done.pos);
             }
         }
     }
 
-    /// Holds the written part of a playback record until it has played: its frames were
-    /// written together, so they play contiguously from the first one's place.
-    fn hold(&self, attached: &Attached, cur: Current) {
-        if let Some(h) = Self::written(cur) {
-            self.shared.hold(h, &self.bounds, &attached.recorder());
+    /// Records the first `sent` bytes of a playback record as one outbound audio record: its
+    /// frames were written together, so they play contiguously from the first one's place.
+    fn record(attached: &Attached, cur: &Current, sent: usize) {
+        if sent > 0 {
+            let frames = sent.div_ceil(FRAME_BYTES) as u32;
+            attached.record(&cur.bytes[..sent], cur.starts_ms, cur.first_frame, frames);
         }
-    }
-
-    /// The written part of a playback record, if any.
-    fn written(cur: Current) -> Option<HeldAudio> {
-        if cur.pos == 0 {
-            return None;
-        }
-        let mut bytes = cur.bytes;
-        bytes.truncate(cur.pos);
-        Some(HeldAudio {
-            bytes,
-            starts_us: cur.starts_us,
-            first_frame: cur.first_frame,
-        })
     }
 }
 
@@ -498,8 +422,6 @@ impl<S> Drop for PlaybackIo<S> {
             // and nothing of a stream is published after it (decision 45).
             left += 1;
         }
-        // Recorded before the terminal event when the stream started; otherwise never.
-        self.shared.forget_held(&self.bounds);
         self.shared
             .counters
             .finished
@@ -604,7 +526,6 @@ mod tests {
             per_stream: 1 << 20,
             total: 1 << 20,
             queued: AtomicU64::new(0),
-            held: AtomicU64::new(0),
         });
         let mut io = PlaybackIo::new(
             dog,

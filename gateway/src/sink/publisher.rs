@@ -196,8 +196,6 @@ impl Publisher for ConnectionPublisher {
             }
             // Rendered by the drain thread once the stream's audio is settled.
             let playback = self.downlink.as_ref().and_then(|d| {
-                // Before the summary counts `frames_recorded`, and before the terminal event.
-                d.record_held();
                 let mut summary = d.shared.close_and_summarise()?;
                 if let (Some(s), Some(map)) = (&stream, summary.as_object_mut()) {
                     let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
