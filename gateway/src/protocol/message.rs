@@ -393,6 +393,17 @@ fn set<T>(slot: &mut Option<T>, value: T, field: &'static str) -> Result<(), Par
     Ok(())
 }
 
+/// [`set`] for a string field: the value at `i` must be a string, named `field` in both errors.
+#[inline]
+fn set_string<'a>(
+    slot: &mut Option<&'a str>,
+    nodes: &[Node<'a>],
+    i: usize,
+    field: &'static str,
+) -> Result<(), ParseError> {
+    set(slot, string(nodes, i, field)?, field)
+}
+
 fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
     if !matches!(nodes.first(), Some(Node::Object { .. })) {
         return Err(ParseError::NotAnObject);
@@ -409,9 +420,9 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
     let mut bodies = 0u8;
     for (key, v) in fields(nodes, 0) {
         match key {
-            "event" => set(&mut event, string(nodes, v, "event")?, "event")?,
+            "event" => set_string(&mut event, nodes, v, "event")?,
             "sequenceNumber" => set(&mut seq_raw, v, "sequenceNumber")?,
-            "streamSid" => set(&mut stream_sid, string(nodes, v, "streamSid")?, "streamSid")?,
+            "streamSid" => set_string(&mut stream_sid, nodes, v, "streamSid")?,
             "protocol" => set(&mut protocol, v, "protocol")?,
             "version" => set(&mut version, v, "version")?,
             "start" | "media" | "dtmf" | "mark" | "stop" => {
@@ -468,18 +479,14 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
             let (mut track, mut chunk, mut ts, mut payload) = (None, None, None, None);
             for (key, v) in fields(nodes, b) {
                 match key {
-                    "track" => set(&mut track, string(nodes, v, "media.track")?, "media.track")?,
+                    "track" => set_string(&mut track, nodes, v, "media.track")?,
                     "chunk" => set(
                         &mut chunk,
                         number_string(nodes, v, "media.chunk")?,
                         "media.chunk",
                     )?,
                     "timestamp" => set(&mut ts, media_timestamp(nodes, v)?, "media.timestamp")?,
-                    "payload" => set(
-                        &mut payload,
-                        string(nodes, v, "media.payload")?,
-                        "media.payload",
-                    )?,
+                    "payload" => set_string(&mut payload, nodes, v, "media.payload")?,
                     _ => unknown_fields += 1,
                 }
             }
@@ -507,21 +514,9 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
             let mut media_format = None;
             for (key, v) in fields(nodes, b) {
                 match key {
-                    "streamSid" => set(
-                        &mut inner_sid,
-                        string(nodes, v, "start.streamSid")?,
-                        "start.streamSid",
-                    )?,
-                    "accountSid" => set(
-                        &mut account,
-                        string(nodes, v, "start.accountSid")?,
-                        "start.accountSid",
-                    )?,
-                    "callSid" => set(
-                        &mut call,
-                        string(nodes, v, "start.callSid")?,
-                        "start.callSid",
-                    )?,
+                    "streamSid" => set_string(&mut inner_sid, nodes, v, "start.streamSid")?,
+                    "accountSid" => set_string(&mut account, nodes, v, "start.accountSid")?,
+                    "callSid" => set_string(&mut call, nodes, v, "start.callSid")?,
                     "tracks" => {
                         let Node::Array { len, .. } = nodes[v] else {
                             return Err(ParseError::WrongType("start.tracks"));
@@ -577,11 +572,9 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
                         let (mut enc, mut rate, mut ch) = (None, None, None);
                         for (k, fv) in fields(nodes, v) {
                             match k {
-                                "encoding" => set(
-                                    &mut enc,
-                                    string(nodes, fv, "mediaFormat.encoding")?,
-                                    "mediaFormat.encoding",
-                                )?,
+                                "encoding" => {
+                                    set_string(&mut enc, nodes, fv, "mediaFormat.encoding")?
+                                }
                                 "sampleRate" => set(
                                     &mut rate,
                                     json_uint(nodes, fv, "mediaFormat.sampleRate")?,
@@ -629,8 +622,8 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
             let (mut track, mut digit) = (None, None);
             for (key, v) in fields(nodes, b) {
                 match key {
-                    "track" => set(&mut track, string(nodes, v, "dtmf.track")?, "dtmf.track")?,
-                    "digit" => set(&mut digit, string(nodes, v, "dtmf.digit")?, "dtmf.digit")?,
+                    "track" => set_string(&mut track, nodes, v, "dtmf.track")?,
+                    "digit" => set_string(&mut digit, nodes, v, "dtmf.digit")?,
                     _ => unknown_fields += 1,
                 }
             }
@@ -649,7 +642,7 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
             let mut name = None;
             for (key, v) in fields(nodes, b) {
                 match key {
-                    "name" => set(&mut name, string(nodes, v, "mark.name")?, "mark.name")?,
+                    "name" => set_string(&mut name, nodes, v, "mark.name")?,
                     _ => unknown_fields += 1,
                 }
             }
@@ -666,16 +659,10 @@ fn extract<'a>(nodes: &[Node<'a>]) -> Result<Parsed<'a>, ParseError> {
                     Node::Object { .. } => {
                         for (key, v) in fields(nodes, b) {
                             match key {
-                                "accountSid" => set(
-                                    &mut account_sid,
-                                    string(nodes, v, "stop.accountSid")?,
-                                    "stop.accountSid",
-                                )?,
-                                "callSid" => set(
-                                    &mut call_sid,
-                                    string(nodes, v, "stop.callSid")?,
-                                    "stop.callSid",
-                                )?,
+                                "accountSid" => {
+                                    set_string(&mut account_sid, nodes, v, "stop.accountSid")?
+                                }
+                                "callSid" => set_string(&mut call_sid, nodes, v, "stop.callSid")?,
                                 _ => unknown_fields += 1,
                             }
                         }
